@@ -1,0 +1,354 @@
+"""The wire format, sans-IO: bytes in, messages out, and back.
+
+Rules of the format:
+
+* A frame is a 4-byte big-endian body length, then a msgpack body. A body longer than the
+  receiver's `max_frame` is refused before it is buffered (the connection is closed: its stream
+  can no longer be trusted).
+* The body is a map with a type tag `t`, a request id `id` and the message's fields. Fields the
+  receiver does not know are ignored, so old and new peers interoperate; a missing or wrongly
+  typed field is a `ProtocolError` naming it.
+* A tensor is a map `{dtype, shape, data}` with raw little-endian bytes. The dtype comes from an
+  allow-list and the byte count must equal the shape's. Nothing is ever unpickled.
+
+`FrameDecoder` never touches a socket (like h11): feed it bytes, take messages out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+import msgpack
+import torch
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # a 2k-token prompt of a 4k-wide model in float16 fits
+
+#: dtypes a tensor may carry on the wire; nothing else is accepted
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+MAX_TENSOR_DIMS = 4
+# msgpack containers: a frame may hold at most this many elements in one container
+_MAX_CONTAINER = 100_000
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("swarm's wire format assumes a little-endian host")
+
+
+# --- tensors -------------------------------------------------------------------------------------
+
+
+def tensor_to_wire(t: torch.Tensor) -> dict[str, Any]:
+    name = _dtype_name(t.dtype)
+    t = t.detach().to("cpu").contiguous()
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return {"dtype": name, "shape": list(t.shape), "data": data}
+
+
+def tensor_from_wire(obj: Any, field: str = "tensor") -> torch.Tensor:
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"field {field!r}: expected a tensor map {{dtype, shape, data}}")
+    dtype_name, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    if dtype_name not in WIRE_DTYPES:
+        raise ProtocolError(
+            f"field {field!r}: dtype {dtype_name!r} not allowed (allowed: {', '.join(WIRE_DTYPES)})"
+        )
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= MAX_TENSOR_DIMS
+        or not all(type(d) is int and 0 <= d <= 1 << 31 for d in shape)
+    ):
+        raise ProtocolError(f"field {field!r}: shape must be 1 to {MAX_TENSOR_DIMS} sizes >= 0")
+    if not isinstance(data, (bytes, bytearray)):
+        raise ProtocolError(f"field {field!r}: data must be bytes")
+    dtype = WIRE_DTYPES[dtype_name]
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = numel * dtype.itemsize
+    if len(data) != expected:
+        raise ProtocolError(
+            f"field {field!r}: {len(data)} bytes do not match shape {shape} of {dtype_name} "
+            f"({expected} bytes)"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, d in WIRE_DTYPES.items():
+        if d == dtype:
+            return name
+    raise ProtocolError(f"dtype {dtype} cannot travel on the wire")
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type["Message"]] = {}
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every frame. `id` pairs a reply with its request (0 for unsolicited frames)."""
+
+    TYPE: ClassVar[str] = ""
+    id: int
+
+    def to_wire(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"t": self.TYPE}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = tensor_to_wire(v)
+            elif isinstance(v, tuple):
+                v = list(v)
+            body[f.name] = v
+        return body
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> "Message":
+        kwargs = {}
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in body:
+                if f.default is not dataclasses.MISSING:
+                    continue
+                if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                    continue
+                raise ProtocolError(f"{cls.TYPE}: missing field {f.name!r}")
+            kwargs[f.name] = _check(hints[f.name], body[f.name], f"{cls.TYPE}.{f.name}")
+        return cls(**kwargs)
+
+
+def message(cls: type[Message]) -> type[Message]:
+    """Register a message class under its TYPE tag."""
+    if not cls.TYPE or cls.TYPE in _REGISTRY:
+        raise TypeError(f"message type {cls.TYPE!r} is empty or taken")
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    h = _HINTS.get(cls)
+    if h is None:
+        h = _HINTS[cls] = typing.get_type_hints(cls)
+    return h
+
+
+def _check(tp: Any, v: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if v is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check(inner, v, name)
+    if tp is torch.Tensor:
+        return tensor_from_wire(v, name)
+    if tp is bool:
+        if type(v) is not bool:
+            raise ProtocolError(f"{name}: expected a boolean")
+        return v
+    if tp is int:
+        if type(v) is not int:
+            raise ProtocolError(f"{name}: expected an integer")
+        return v
+    if tp is float:
+        if type(v) not in (int, float):
+            raise ProtocolError(f"{name}: expected a number")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise ProtocolError(f"{name}: expected a string")
+        return v
+    if tp is bytes:
+        if not isinstance(v, (bytes, bytearray)):
+            raise ProtocolError(f"{name}: expected bytes")
+        return bytes(v)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(tp)
+        if not isinstance(v, list):
+            raise ProtocolError(f"{name}: expected a list")
+        return tuple(_check(inner, x, f"{name}[{i}]") for i, x in enumerate(v))
+    if tp is dict or origin is dict:
+        if not isinstance(v, dict):
+            raise ProtocolError(f"{name}: expected a map")
+        return v
+    if tp is Any:
+        return v
+    raise TypeError(f"unsupported field type {tp!r} in {name}")  # our bug, not the peer's
+
+
+def encode(msg: Message) -> bytes:
+    """One message as one frame."""
+    body = msgpack.packb(msg.to_wire(), use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> Message:
+    """One frame body as a message, or a ProtocolError that says what is wrong with it."""
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=_MAX_CONTAINER,
+            max_map_len=_MAX_CONTAINER,
+        )
+    except Exception as e:  # msgpack raises several types, all mean "garbage"
+        raise ProtocolError(f"malformed msgpack body: {type(e).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame body must be a map")
+    tag = obj.get("t")
+    cls = _REGISTRY.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {tag!r}"[:200])
+    return cls.from_wire(obj)
+
+
+class FrameDecoder:
+    """Reassembles frames from a byte stream. Sans-IO: the caller feeds bytes it read."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_body(self) -> bytes | None:
+        """The next whole frame body, or None until more bytes arrive. Raises on an oversized
+        length, which leaves the stream unusable."""
+        if len(self._buf) < HEADER.size:
+            return None
+        (n,) = HEADER.unpack_from(self._buf)
+        if n > self.max_frame:
+            raise ProtocolError(
+                f"frame of {n} bytes exceeds the limit of {self.max_frame} bytes", fatal=True
+            )
+        if len(self._buf) < HEADER.size + n:
+            return None
+        body = bytes(self._buf[HEADER.size : HEADER.size + n])
+        del self._buf[: HEADER.size + n]
+        return body
+
+    def pending_header(self) -> int | None:
+        """The announced length of a frame not yet complete (for readers that want exact reads)."""
+        if len(self._buf) < HEADER.size:
+            return None
+        return HEADER.unpack_from(self._buf)[0]
+
+
+# --- the messages of the peer protocol ------------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True)
+class Error(Message):
+    """Reply to a request that failed. `code` is machine-readable, `message` is for people."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+@message
+@dataclass(frozen=True)
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+
+
+@message
+@dataclass(frozen=True)
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+
+
+@message
+@dataclass(frozen=True)
+class GetInfo(Message):
+    """Ask a peer for its own record and the records it knows."""
+
+    TYPE: ClassVar[str] = "get_info"
+
+
+@message
+@dataclass(frozen=True)
+class Info(Message):
+    """A peer's own record (`peer`) and those it knows (`known`), each a signed record map."""
+
+    TYPE: ClassVar[str] = "info"
+    peer: dict
+    known: tuple[dict, ...] = ()
+
+
+@message
+@dataclass(frozen=True)
+class OpenSession(Message):
+    """Open an inference session on blocks [start, end) of the peer's span.
+
+    `max_length` bounds the tokens the session will hold (the peer reserves cache for it);
+    `dtype` is the dtype the hidden states travel in, both ways.
+    """
+
+    TYPE: ClassVar[str] = "open"
+    start: int
+    end: int
+    max_length: int
+    dtype: str = "float32"
+
+
+@message
+@dataclass(frozen=True)
+class SessionOpened(Message):
+    TYPE: ClassVar[str] = "opened"
+    session: int
+
+
+@message
+@dataclass(frozen=True)
+class Forward(Message):
+    """Run `hidden` [1, n, hidden_size], the rows at positions position..position+n-1, through
+    the session's blocks. A position below the session's length rewinds its cache first (a retry
+    or a replay); a position above it is an error."""
+
+    TYPE: ClassVar[str] = "forward"
+    session: int
+    position: int
+    hidden: torch.Tensor
+
+
+@message
+@dataclass(frozen=True)
+class ForwardResult(Message):
+    TYPE: ClassVar[str] = "result"
+    hidden: torch.Tensor
+
+
+@message
+@dataclass(frozen=True)
+class CloseSession(Message):
+    TYPE: ClassVar[str] = "close"
+    session: int
+
+
+@message
+@dataclass(frozen=True)
+class Closed(Message):
+    TYPE: ClassVar[str] = "closed"
