@@ -1,0 +1,217 @@
+"""The peer server: serves a span of blocks to inference sessions over the peer protocol.
+
+One asyncio loop per process. Model compute runs in one worker thread, so heartbeats, gossip
+and other sessions' frames never wait behind a forward pass; steps are computed one at a time
+(the CPU is the bottleneck, and interleaving would only thrash caches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm import wire
+from swarm.blocks import BlockSpan, rewind
+from swarm.errors import ProtocolError
+from swarm.identity import Identity
+from swarm.manifest import Manifest
+from swarm.transport import serve_frames
+
+from .sessions import Limits, SessionError, SessionTable
+
+log = logging.getLogger("swarm.peer")
+
+
+@dataclass
+class PeerConfig:
+    start: int  # first block served
+    end: int  # one past the last block served
+    host: str = "127.0.0.1"  # address to listen on
+    port: int = 0  # 0: any free port
+    dtype: str = "float32"  # dtype of the weights and the compute
+    limits: Limits = field(default_factory=Limits)
+    max_frame: int = wire.DEFAULT_MAX_FRAME  # largest frame accepted, bytes
+    conn_idle_timeout: float = 600.0  # seconds a connection may stay silent between frames
+    frame_timeout: float = 10.0  # seconds a started frame may take to arrive (slow senders)
+    torch_threads: int | None = None  # intra-op threads for compute; None keeps torch's choice
+    announce_host: str | None = None  # address others should use, when host is 0.0.0.0
+
+
+class PeerServer:
+    """Create with `await PeerServer.start(...)`; stop with `await server.close()`."""
+
+    def __init__(self, manifest: Manifest, identity: Identity, config: PeerConfig, span: BlockSpan) -> None:
+        self.manifest = manifest
+        self.identity = identity
+        self.config = config
+        self.span = span
+        self.sessions = SessionTable(config.limits)
+        self.ms_per_block = 0.0  # moving average of compute time per block per row
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._conn_ids = itertools.count(1)
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.port = config.port
+        self.started = time.time()
+
+    @classmethod
+    async def start(cls, manifest: Manifest, identity: Identity, config: PeerConfig, span: BlockSpan | None = None) -> "PeerServer":
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        if span is None:
+            span = await asyncio.to_thread(BlockSpan.load, manifest, config.start, config.end, config.dtype)
+        self = cls(manifest, identity, config, span)
+        await self._calibrate()
+        self._server = await asyncio.start_server(self._on_connect, config.host, config.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._spawn(self._expire_loop())
+        return self
+
+    @property
+    def address(self) -> str:
+        host = self.config.announce_host or self.config.host
+        return f"{host}:{self.port}"
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    async def close(self) -> None:
+        if self._server:
+            self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _calibrate(self) -> None:
+        """Time one single-row step so the first record announces a real compute estimate."""
+        cache = self.span.new_cache()
+        x = torch.zeros(1, 1, self.span.hidden_size, dtype=self.span.dtype)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self.span.forward, x, 0, cache)
+        t0 = time.perf_counter()
+        await loop.run_in_executor(self._pool, self.span.forward, x, 1, cache)
+        self.ms_per_block = (time.perf_counter() - t0) * 1000 / (self.span.end - self.span.start)
+
+    # --- the record others see -----------------------------------------------------------------
+
+    def own_record(self) -> dict:
+        return {
+            "peer_id": self.identity.peer_id,
+            "addrs": [self.address],
+            "model": self.manifest.name,
+            "model_hash": self.manifest.model_hash,
+            "num_blocks": self.manifest.num_blocks,
+            "start": self.span.start,
+            "end": self.span.end,
+            "dtype": self.config.dtype,
+            "quant": "none",
+            "ms_per_block": self.ms_per_block,
+            "throughput": 1000.0 / (self.ms_per_block * (self.span.end - self.span.start)) if self.ms_per_block else 0.0,
+            "free_cache": self.sessions.free_tokens,
+            "sessions": len(self.sessions.sessions),
+            "version": int(time.time() * 1000),
+        }
+
+    # --- connections ---------------------------------------------------------------------------
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = next(self._conn_ids)
+        try:
+            await serve_frames(
+                reader,
+                writer,
+                lambda msg: self._handle(conn, msg),
+                max_frame=self.config.max_frame,
+                idle_timeout=self.config.conn_idle_timeout,
+                frame_timeout=self.config.frame_timeout,
+            )
+        finally:
+            for s in self.sessions.close_owner(conn):
+                log.debug("session %d closed with its connection", s.id)
+
+    async def _handle(self, conn: int, msg: wire.Message) -> wire.Message:
+        try:
+            if isinstance(msg, wire.Forward):
+                return await self._forward(conn, msg)
+            if isinstance(msg, wire.OpenSession):
+                return self._open(conn, msg)
+            if isinstance(msg, wire.CloseSession):
+                self.sessions.get(conn, msg.session, time.monotonic())
+                self.sessions.close(msg.session)
+                return wire.Closed(msg.id)
+            if isinstance(msg, wire.Ping):
+                return wire.Pong(msg.id)
+            if isinstance(msg, wire.GetInfo):
+                return wire.Info(msg.id, peer=self.own_record(), known=())
+            return wire.Error(msg.id, "unsupported", f"message type {msg.TYPE!r} is not served here")
+        except SessionError as e:
+            return wire.Error(msg.id, e.code, str(e))
+        except ProtocolError as e:
+            return wire.Error(msg.id, e.code, str(e))
+        except Exception as e:  # our bug: report it to this caller only, keep serving everyone
+            log.exception("internal error while serving %s", msg.TYPE)
+            return wire.Error(msg.id, "internal", f"internal error: {type(e).__name__}")
+
+    def _open(self, conn: int, msg: wire.OpenSession) -> wire.Message:
+        if not (self.span.start <= msg.start < msg.end <= self.span.end):
+            raise SessionError(
+                "bad_span", f"blocks {msg.start}:{msg.end} are not inside this peer's span {self.span.start}:{self.span.end}"
+            )
+        if msg.dtype not in wire.WIRE_DTYPES:
+            raise SessionError("bad_dtype", f"dtype {msg.dtype!r} not allowed (allowed: {', '.join(wire.WIRE_DTYPES)})")
+        s = self.sessions.open(conn, msg.start, msg.end, msg.max_length, msg.dtype, self.span.new_cache(), time.monotonic())
+        return wire.SessionOpened(msg.id, session=s.id)
+
+    async def _forward(self, conn: int, msg: wire.Forward) -> wire.Message:
+        s = self.sessions.get(conn, msg.session, time.monotonic())
+        h = msg.hidden
+        if h.dim() != 3 or h.shape[0] != 1 or h.shape[2] != self.span.hidden_size or h.shape[1] < 1:
+            raise SessionError("bad_shape", f"hidden must have shape [1, n>=1, {self.span.hidden_size}], got {list(h.shape)}")
+        if wire.WIRE_DTYPES[s.dtype] != h.dtype:
+            raise SessionError("bad_dtype", f"hidden is {h.dtype}, the session travels in {s.dtype}")
+        if msg.position < 0 or msg.position > s.length:
+            raise SessionError("bad_position", f"position {msg.position} is past the session's length {s.length}")
+        if msg.position + h.shape[1] > s.max_length:
+            raise SessionError("too_long", f"positions up to {msg.position + h.shape[1]} exceed the session's max_length {s.max_length}")
+        if not bool(torch.isfinite(h).all()):
+            raise SessionError("non_finite", "hidden states contain NaN or infinity")
+        if s.busy:
+            raise SessionError("busy", "a step of this session is already running")
+        s.busy = True
+        try:
+            t0 = time.perf_counter()
+            out = await asyncio.get_running_loop().run_in_executor(self._pool, self._step, s, msg.position, h)
+            dt = (time.perf_counter() - t0) * 1000
+        finally:
+            s.busy = False
+        s.length = msg.position + h.shape[1]
+        if h.shape[1] == 1:
+            per_block = dt / (s.end - s.start)
+            self.ms_per_block = 0.9 * self.ms_per_block + 0.1 * per_block if self.ms_per_block else per_block
+        return wire.ForwardResult(msg.id, hidden=out)
+
+    def _step(self, s, position: int, h: torch.Tensor) -> torch.Tensor:
+        if position < s.length:
+            rewind(s.cache, position)
+        out = self.span.forward(h, position, s.cache, s.start, s.end)
+        if not math.isfinite(float(out.float().abs().max())):
+            raise SessionError("non_finite", "the blocks produced NaN or infinity")
+        return out.to(wire.WIRE_DTYPES[s.dtype])
+
+    async def _expire_loop(self) -> None:
+        period = max(0.5, min(30.0, self.config.limits.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            for s in self.sessions.expire(time.monotonic()):
+                log.info("session %d idle for %.0fs: closed", s.id, self.config.limits.idle_timeout)

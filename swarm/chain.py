@@ -1,0 +1,210 @@
+"""One inference session across the swarm: a chain of per-peer sessions, and failover.
+
+The client sends each step's hidden states hop by hop along the route and keeps, for every block
+boundary where a hop starts, the rows it sent there (the history). When a hop fails, the peer is
+banned for a while, the hop's span alone is routed again, and the history at its start boundary
+is replayed through the new hops in one prefill: that both rebuilds their caches and computes the
+step that failed. The other hops keep their sessions. Greedy output is therefore the same with or
+without a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import wire
+from .errors import NoRouteError, PeerUnavailable, RemoteError, SwarmError
+from .routing import Hop, Route
+from .transport import Connection
+
+log = logging.getLogger("swarm.client")
+
+# errors after which the same peer may still be fine for others, but not for this step
+_ROUTE_AROUND = {"overloaded", "too_many_sessions", "busy"}
+
+
+@dataclass
+class LiveHop:
+    """A hop of the route with its open session on the peer."""
+
+    hop: Hop
+    conn: Connection
+    session: int
+
+    @property
+    def start(self) -> int:
+        return self.hop.start
+
+    @property
+    def end(self) -> int:
+        return self.hop.end
+
+
+@dataclass
+class FailoverEvent:
+    at_position: int
+    dropped: str
+    span: tuple[int, int]
+    reason: str
+    replaced_by: list[tuple[str, int, int]]
+    stall_s: float
+
+
+class ChainHost:
+    """What the chain needs from its client (an interface, so tests can drive it in memory)."""
+
+    async def plan(self, start: int, end: int) -> Route: ...
+    async def connection(self, peer_id: str) -> Connection: ...
+    def expected_ms(self, hop: Hop, rows: int) -> float: ...
+    def observe(self, peer_id: str, rtt_ms: float) -> None: ...
+    def ban(self, peer_id: str, seconds: float) -> None: ...
+
+
+@dataclass
+class Chain:
+    host: ChainHost
+    max_length: int
+    wire_dtype: str = "float32"
+    max_failovers: int = 8  # in one answer; then the error reaches the caller
+    on_event: Callable[[FailoverEvent], None] | None = None
+    hops: list[LiveHop] = field(default_factory=list)
+    position: int = 0  # tokens already in every hop's cache
+    history: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # boundary -> rows sent
+    failovers: list[FailoverEvent] = field(default_factory=list)
+    routes: list[list[dict]] = field(default_factory=list)  # each route used, for --json
+
+    async def open(self, num_blocks: int) -> None:
+        route = await self.host.plan(0, num_blocks)
+        self.hops = [await self._open_hop(h) for h in route]
+        self.routes.append([h.hop.to_json() for h in self.hops])
+
+    async def close(self) -> None:
+        for lh in self.hops:
+            if not lh.conn.closed:
+                try:
+                    await lh.conn.request(lambda rid, s=lh.session: wire.CloseSession(rid, session=s), timeout=2.0)
+                except SwarmError:
+                    pass
+        self.hops = []
+
+    async def _open_hop(self, hop: Hop) -> LiveHop:
+        conn = await self.host.connection(hop.peer_id)
+        reply = await conn.request(
+            lambda rid: wire.OpenSession(rid, start=hop.start, end=hop.end, max_length=self.max_length, dtype=self.wire_dtype),
+            timeout=self._timeout(hop, 1),
+        )
+        assert isinstance(reply, wire.SessionOpened)  # Connection raises on every other reply type
+        return LiveHop(hop, conn, reply.session)
+
+    def _timeout(self, hop: Hop, rows: int) -> float:
+        # generous against the estimate (the CPU is shared), but far from a fixed minute
+        return max(2.0, 8 * self.host.expected_ms(hop, rows) / 1000)
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [1, n, H]: the embeddings of the next n tokens -> their final hidden states."""
+        x = hidden.to(wire.WIRE_DTYPES[self.wire_dtype])
+        sent: list[tuple[int, torch.Tensor]] = []  # (boundary, rows sent there) for this step
+        i = 0
+        while i < len(self.hops):
+            lh = self.hops[i]
+            try:
+                y = await self._forward(lh, x, self.position)
+                sent.append((lh.start, x))
+                x = y
+                i += 1
+            except (PeerUnavailable, RemoteError) as e:
+                x, replaced = await self._failover(i, x, e)
+                sent.extend(replaced)
+                i += len(replaced)
+        for b, rows in sent:
+            self.history.setdefault(b, []).append(rows)
+        self.position += hidden.shape[1]
+        return x
+
+    async def _forward(self, lh: LiveHop, x: torch.Tensor, position: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        reply = await lh.conn.request(
+            lambda rid: wire.Forward(rid, session=lh.session, position=position, hidden=x),
+            timeout=self._timeout(lh.hop, x.shape[1]),
+        )
+        assert isinstance(reply, wire.ForwardResult)  # Connection raises on every other reply
+        out = reply.hidden
+        if out.shape != x.shape or out.dtype != x.dtype:
+            raise RemoteError(
+                f"{lh.hop.peer_id[:10]} returned a tensor of shape {list(out.shape)}, expected {list(x.shape)}",
+                code="bad_reply",
+                peer=lh.hop.peer_id,
+            )
+        if x.shape[1] == 1:
+            # the network share of the call: total minus the compute the peer announced
+            total = (time.perf_counter() - t0) * 1000
+            self.host.observe(lh.hop.peer_id, max(0.0, total - lh.hop.compute_ms))
+        return out
+
+    def _past(self, boundary: int) -> torch.Tensor | None:
+        rows = self.history.get(boundary)
+        if not rows:
+            return None
+        if len(rows) > 1:
+            rows[:] = [torch.cat(rows, dim=1)]
+        return rows[0]
+
+    async def _failover(self, i: int, x: torch.Tensor, err: SwarmError) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        """Replace hop i, whose call failed with `err`, and compute the step through new hops.
+
+        Returns the step's output at the end of hop i's span, and the (boundary, rows) this step
+        sent to each new hop, for the history."""
+        t0 = time.perf_counter()
+        old = self.hops[i]
+        span_start, span_end = old.start, old.end
+        culprit = old.hop.peer_id
+        p = self.position
+        past = self._past(span_start)
+        full = x if past is None else torch.cat([past[:, :p], x], dim=1)  # [1, p + n, H]
+        while True:
+            if len(self.failovers) >= self.max_failovers:
+                raise SwarmError(f"gave up after {self.max_failovers} failovers in one answer; last error: {err}")
+            code = getattr(err, "code", "unavailable")
+            self.host.ban(culprit, 5.0 if code in _ROUTE_AROUND else 60.0)
+            self.failovers.append(FailoverEvent(p, culprit, (span_start, span_end), str(err), [], 0.0))
+            log.info("dropping %s for blocks %d:%d: %s", culprit[:10], span_start, span_end, err)
+            route = await self.host.plan(span_start, span_end)  # NoRouteError reaches the caller
+            new_hops: list[LiveHop] = []
+            sent: list[tuple[int, torch.Tensor]] = []
+            try:
+                y = full
+                for hop in route:
+                    culprit = hop.peer_id
+                    lh = await self._open_hop(hop)
+                    new_hops.append(lh)
+                    sent.append((hop.start, y))
+                    y = await self._forward(lh, y, 0)  # replay + this step, as one prefill
+                break
+            except (PeerUnavailable, RemoteError) as e:
+                err = e
+                for lh in new_hops:
+                    await self._close_quietly(lh)
+        self.hops[i : i + 1] = new_hops
+        await self._close_quietly(old)
+        for b, rows in sent:
+            self.history[b] = [rows[:, :p]]  # a new boundary's past, rebuilt by the replay
+        ev = self.failovers[-1]
+        ev.replaced_by = [(h.hop.peer_id, h.start, h.end) for h in new_hops]
+        ev.stall_s = time.perf_counter() - t0
+        self.routes.append([h.hop.to_json() for h in self.hops])
+        if self.on_event:
+            self.on_event(ev)
+        return y[:, p:], [(b, rows[:, p:]) for b, rows in sent]
+
+    async def _close_quietly(self, lh: LiveHop) -> None:
+        if lh.conn is None or lh.conn.closed:
+            return
+        try:
+            await lh.conn.request(lambda rid: wire.CloseSession(rid, session=lh.session), timeout=1.0)
+        except SwarmError:
+            pass

@@ -1,0 +1,318 @@
+"""The `swarm` command: prepare, join, generate, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .errors import NoRouteError, SwarmError
+from .manifest import DEFAULT_MODEL
+
+log = logging.getLogger("swarm")
+
+
+# --- helpers shared by the subcommands --------------------------------------------------------------
+
+
+def _progress_printer(stream=sys.stderr):
+    """A tqdm bar per phase of a long job (preparing, loading)."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(what: str, done: int, total: int) -> None:
+        bar = bars.get(what)
+        if bar is None:
+            bar = bars[what] = tqdm(total=total, desc=what, unit="", file=stream, leave=False, dynamic_ncols=True)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return progress
+
+
+def _parse_span(text: str) -> tuple[int, int] | None:
+    if text == "auto":
+        return None
+    try:
+        s, e = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks takes S:E (e.g. 0:10) or auto, not {text!r}") from None
+    if not 0 <= s < e:
+        raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= S < E")
+    return s, e
+
+
+def _addr(text: str) -> str:
+    from .directory import split_addr
+
+    try:
+        split_addr(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("asyncio", "transformers", "zeroconf", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+# --- prepare --------------------------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare
+
+    t0 = time.time()
+    m = prepare(args.model, progress=_progress_printer(), force=args.force)
+    print(f"prepared {m.name}: {m.num_blocks} blocks, {m.dtype}, in {m.root}")
+    print(f"model hash {m.model_hash}  ({time.time() - t0:.1f}s)")
+    return 0
+
+
+# --- join -----------------------------------------------------------------------------------------
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    return asyncio.run(_join(args))
+
+
+async def _join(args: argparse.Namespace) -> int:
+    import torch
+
+    from peers.server import PeerConfig, PeerServer
+    from peers.sessions import Limits
+
+    from .identity import Identity, default_identity_path
+    from .prepare import prepare
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    manifest = await asyncio.to_thread(prepare, args.model, _progress_printer())
+    span = args.blocks or (0, manifest.num_blocks)
+    if span[1] > manifest.num_blocks:
+        raise SwarmError(f"--blocks {span[0]}:{span[1]} goes past the model's {manifest.num_blocks} blocks")
+    identity = Identity.load_or_create(args.identity or default_identity_path(args.port or 0))
+    config = PeerConfig(
+        start=span[0],
+        end=span[1],
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        limits=Limits(
+            max_sessions=args.max_sessions,
+            max_cache_tokens=args.max_cache_tokens,
+            idle_timeout=args.session_idle_timeout,
+        ),
+        torch_threads=args.threads,
+    )
+    log.info("peer %s loading blocks %d:%d of %s", identity.short_id, span[0], span[1], manifest.name)
+    server = await PeerServer.start(manifest, identity, config)
+    log.info("peer %s serving blocks %d:%d on %s (%.2f ms/block)", identity.short_id, span[0], span[1], server.address, server.ms_per_block)
+    print(f"READY {server.address} {identity.peer_id}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("peer %s leaving", identity.short_id)
+    await server.close()
+    return 0
+
+
+# --- generate -------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return asyncio.run(_generate(args))
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from .client import ClientConfig, SwarmClient
+    from .sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    cfg = ClientConfig(
+        model=args.model, bootstrap=tuple(args.peer), discovery_timeout=args.discovery_timeout, torch_threads=args.threads
+    )
+    async with await SwarmClient.connect(cfg) as client:
+        ids = client.encode_prompt(args.prompt, chat=not args.no_chat)
+        printed = ""
+        tokens: list[int] = []
+
+        def on_token(tok: int) -> None:
+            nonlocal printed
+            tokens.append(tok)
+            if args.json:
+                return
+            text = client.decode(tokens)
+            if text.startswith(printed):
+                sys.stdout.write(text[len(printed) :])
+                sys.stdout.flush()
+                printed = text
+
+        def on_failover(ev) -> None:
+            new = ", ".join(f"{p[:10]} [{s}:{e})" for p, s, e in ev.replaced_by)
+            print(f"\n[swarm] peer {ev.dropped[:10]} dropped for blocks {ev.span[0]}:{ev.span[1]} ({ev.reason}); now {new}; resumed after {ev.stall_s:.2f}s", file=sys.stderr)
+
+        try:
+            result = await client.generate(ids, args.max_new_tokens, sampling, on_token=on_token, on_failover=on_failover)
+        except NoRouteError as e:
+            if args.json:
+                print(json.dumps({"error": str(e), "missing_blocks": e.missing, "tokens": e.tokens, "text": client.decode(e.tokens)}))
+            else:
+                print(f"\n[swarm] stopped: {e}", file=sys.stderr)
+                print(f"[swarm] tokens so far: {e.tokens}", file=sys.stderr)
+            return 3
+        if args.json:
+            print(json.dumps(result.to_json()))
+        else:
+            print()
+            route = " -> ".join(f"{h['peer'][:10]}[{h['span'][0]}:{h['span'][1]})" for h in result.routes[-1])
+            print(
+                f"[swarm] {len(result.tokens)} tokens, {result.decode_tokens_per_s:.1f} tokens/s, "
+                f"first token after {result.ttft_s:.2f}s; route {route}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return asyncio.run(_status(args))
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from .status import collect, render
+
+    snapshot = await collect(tuple(args.peer), timeout=args.discovery_timeout)
+    if args.json:
+        print(json.dumps(snapshot))
+    else:
+        print(render(snapshot))
+    return 0 if snapshot["peers"] else 1
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .local import LocalSwarm, thirds
+    from .prepare import prepare
+
+    print("[demo] preparing the embedded SmolLM2-135M-Instruct (once)...", file=sys.stderr)
+    m = prepare(DEFAULT_MODEL, progress=_progress_printer())
+    home = Path(os.environ.get("SWARM_HOME") or Path.home() / ".cache" / "swarm")
+    spans = thirds(m.num_blocks, 3)
+    print(f"[demo] starting 3 peers on 127.0.0.1 serving blocks {', '.join(f'{s}:{e}' for s, e in spans)}...", file=sys.stderr)
+    with LocalSwarm(log_dir=home / "logs") as swarm:
+        first = swarm.start(["--blocks", f"{spans[0][0]}:{spans[0][1]}", "--port", "0", "--no-mdns"])
+        swarm.start_many([["--blocks", f"{s}:{e}", "--port", "0", "--peer", first.addr, "--no-mdns"] for s, e in spans[1:]])
+        for p in swarm.peers:
+            print(f"[demo] peer {p.peer_id[:10]} on {p.addr} pid {p.pid}", file=sys.stderr)
+        print(f"[demo] > {args.prompt}", file=sys.stderr)
+        ns = argparse.Namespace(
+            prompt=args.prompt, model=DEFAULT_MODEL, peer=swarm.addrs, max_new_tokens=args.max_new_tokens,
+            temperature=0.0, top_k=0, top_p=1.0, seed=None, no_chat=False, json=False, discovery_timeout=30.0, threads=None,
+        )
+        return asyncio.run(_generate(ns))
+
+
+# --- the parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm", description="Run a large language model across a swarm of peers.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("prepare", help="convert a model into per-block files once")
+    sp.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default) or a local Hugging Face folder")
+    sp.add_argument("--force", action="store_true", help="prepare again even if a prepared copy exists")
+    sp.set_defaults(func=cmd_prepare)
+
+    sp = sub.add_parser("join", help="serve a span of blocks to the swarm")
+    sp.add_argument("--model", default=DEFAULT_MODEL)
+    sp.add_argument("--blocks", type=_parse_span, default=None, help="S:E, the blocks to serve (default: all)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")
+    sp.add_argument("--identity", help="the peer's key file (default: one per port in ~/.config/swarm/keys)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--no-mdns", action="store_true", help="do not announce or browse on the LAN")
+    sp.add_argument("--threads", type=int, default=None, help="torch threads for compute")
+    sp.add_argument("--max-sessions", type=int, default=256)
+    sp.add_argument("--max-cache-tokens", type=int, default=65536, help="KV cache tokens reserved across sessions")
+    sp.add_argument("--session-idle-timeout", type=float, default=300.0, help="seconds before an idle session is freed")
+    sp.set_defaults(func=cmd_join)
+
+    sp = sub.add_parser("generate", help="answer a prompt through the swarm")
+    sp.add_argument("prompt")
+    sp.add_argument("--model", default=DEFAULT_MODEL)
+    sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
+    sp.add_argument("--json", action="store_true", help="print one JSON object: tokens, text, route, timings")
+    sp.add_argument("--discovery-timeout", type=float, default=10.0, help="seconds to wait for the swarm")
+    sp.add_argument("--threads", type=int, default=None, help="torch threads for the local head")
+    sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("status", help="show the peers, their spans and block coverage")
+    sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--discovery-timeout", type=float, default=3.0)
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("demo", help="start a local 3-peer swarm and answer one prompt through it")
+    sp.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence, then name two famous sights there.")
+    sp.add_argument("--max-new-tokens", type=int, default=96)
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except SwarmError as e:
+        print(f"swarm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The client: embeddings, final norm, LM head and sampling run here; the blocks run in the swarm.
+
+    async with await SwarmClient.connect(ClientConfig(bootstrap=("127.0.0.1:7001",))) as client:
+        result = await client.generate("What is the capital of France?")
+        async for token in client.stream(ids, max_new_tokens=32):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import wire
+from .blocks import Head
+from .chain import Chain, FailoverEvent
+from .directory import Directory, PeerView
+from .errors import ConfigError, ModelError, NoRouteError, PeerUnavailable, SwarmError
+from .manifest import DEFAULT_MODEL, Manifest
+from .prepare import prepare
+from .routing import Candidate, Hop, Route, RttTracker, plan
+from .sampling import SamplingConfig, sample
+from .transport import Connection
+
+log = logging.getLogger("swarm.client")
+
+
+@dataclass
+class ClientConfig:
+    model: str = DEFAULT_MODEL  # a model name or a local folder; prepared here on first use
+    bootstrap: tuple[str, ...] = ()  # "host:port" of peers to ask for the table
+    mdns: bool = True  # also look for peers on the LAN
+    discovery_timeout: float = 10.0  # seconds to wait for a swarm that covers every block
+    wire_dtype: str = "float32"  # dtype of hidden states on the wire
+    connect_timeout: float = 5.0  # seconds for a TCP (and TLS) connection
+    max_failovers: int = 8  # replaced hops per answer before giving up
+    torch_threads: int | None = None  # intra-op threads for the local head
+    swarm_key: Any = None  # a private swarm's shared secret (swarm.secure), None for public
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    tokens: list[int]
+    text: str | None
+    routes: list[list[dict]]
+    failovers: list[FailoverEvent]
+    ttft_s: float
+    decode_tokens_per_s: float
+    total_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": len(self.prompt_ids),
+            "tokens": self.tokens,
+            "text": self.text,
+            "route": self.routes[-1] if self.routes else [],
+            "routes": self.routes,
+            "failovers": [vars(e) for e in self.failovers],
+            "timings": {
+                "time_to_first_token_s": round(self.ttft_s, 4),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+                "total_s": round(self.total_s, 4),
+            },
+        }
+
+
+class SwarmClient:
+    """Create with `await SwarmClient.connect(config)`; use as an async context manager."""
+
+    def __init__(self, config: ClientConfig, manifest: Manifest, head: Head, tokenizer: Any, directory: Directory) -> None:
+        self.config = config
+        self.manifest = manifest
+        self.head = head
+        self.tokenizer = tokenizer
+        self.directory = directory
+        self.rtt = RttTracker()
+        self._conns: dict[str, Connection] = {}
+        self._conn_locks: dict[str, asyncio.Lock] = {}
+        self.last_route: list[dict] = []
+
+    @classmethod
+    async def connect(cls, config: ClientConfig, manifest: Manifest | None = None) -> "SwarmClient":
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        if manifest is None:
+            manifest = await asyncio.to_thread(prepare, config.model)
+        head = await asyncio.to_thread(Head.load, manifest)
+        tokenizer = await asyncio.to_thread(_load_tokenizer, manifest)
+        directory = Directory(manifest.model_hash, config.bootstrap, mdns=config.mdns, connect_timeout=config.connect_timeout, swarm_key=config.swarm_key)
+        await directory.start()
+        return cls(config, manifest, head, tokenizer, directory)
+
+    async def __aenter__(self) -> "SwarmClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for c in list(self._conns.values()):
+            await c.close()
+        self._conns.clear()
+        await self.directory.stop()
+
+    # --- what the chain asks of us ---------------------------------------------------------------
+
+    async def plan(self, start: int, end: int) -> Route:
+        candidates = [
+            Candidate(p.peer_id, p.start, p.end, max(p.ms_per_block, 0.01), float(p.sessions))
+            for p in self.directory.peers()
+        ]
+        return plan(candidates, self.rtt, start, end, time.monotonic())
+
+    async def connection(self, peer_id: str) -> Connection:
+        conn = self._conns.get(peer_id)
+        if conn is not None and not conn.closed:
+            return conn
+        lock = self._conn_locks.setdefault(peer_id, asyncio.Lock())
+        async with lock:
+            conn = self._conns.get(peer_id)
+            if conn is not None and not conn.closed:
+                return conn
+            view = self.directory.get(peer_id)
+            if view is None:
+                raise PeerUnavailable(f"peer {peer_id[:10]} is no longer known", peer=peer_id)
+            conn = await self.directory.dial(view)
+            t0 = time.perf_counter()
+            await conn.request(lambda rid: wire.Ping(rid), timeout=self.config.connect_timeout)
+            self.rtt.observe(peer_id, (time.perf_counter() - t0) * 1000)
+            self._conns[peer_id] = conn
+            return conn
+
+    def expected_ms(self, hop: Hop, rows: int) -> float:
+        # a prefill of many rows costs far less per row than single steps: count it as rows / 8
+        return hop.rtt_ms + hop.compute_ms * max(1.0, rows / 8)
+
+    def observe(self, peer_id: str, rtt_ms: float) -> None:
+        self.rtt.observe(peer_id, rtt_ms)
+
+    def ban(self, peer_id: str, seconds: float) -> None:
+        self.rtt.ban(peer_id, time.monotonic(), seconds)
+        conn = self._conns.pop(peer_id, None)
+        if conn is not None:
+            asyncio.get_running_loop().create_task(conn.close())
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise ModelError("this model has no tokenizer; pass token ids instead of text")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+            if not isinstance(ids, list):
+                ids = ids["input_ids"]
+            return list(ids)
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def eos_ids(self) -> set[int]:
+        eos = getattr(self.head.config, "eos_token_id", None)
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    async def stream(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 128,
+        sampling: SamplingConfig = SamplingConfig(),
+        stop_at_eos: bool = True,
+        on_failover: Callable[[FailoverEvent], None] | None = None,
+        stats: dict | None = None,
+        logits_out: list[torch.Tensor] | None = None,
+    ) -> AsyncIterator[int]:
+        """Yield new token ids as they are produced. `stats` (a dict) receives the route and
+        timings; `logits_out` (a list) receives each step's logits."""
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be at least 1")
+        await self.directory.wait_for_coverage(self.manifest.num_blocks, self.config.discovery_timeout)
+        chain = Chain(self, max_length=len(prompt_ids) + max_new_tokens, wire_dtype=self.config.wire_dtype, max_failovers=self.config.max_failovers, on_event=on_failover)
+        gen = sampling.generator()
+        eos = self.eos_ids() if stop_at_eos else set()
+        tokens: list[int] = []
+        t0 = time.perf_counter()
+        t_first = None
+        try:
+            await chain.open(self.manifest.num_blocks)
+            ids = list(prompt_ids)
+            for _ in range(max_new_tokens):
+                try:
+                    h = await chain.step(await asyncio.to_thread(self.head.embed_ids, ids))
+                except NoRouteError as e:
+                    e.tokens = list(tokens)
+                    raise
+                logits = await asyncio.to_thread(self.head.logits, h)
+                if logits_out is not None:
+                    logits_out.append(logits)
+                tok = sample(logits, sampling, gen)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                tokens.append(tok)
+                yield tok
+                if tok in eos:
+                    break
+                ids = [tok]
+        finally:
+            self.last_route = chain.routes[-1] if chain.routes else []
+            if stats is not None:
+                t1 = time.perf_counter()
+                n_decode = max(0, len(tokens) - 1)
+                stats.update(
+                    routes=chain.routes,
+                    failovers=chain.failovers,
+                    ttft_s=(t_first - t0) if t_first else 0.0,
+                    decode_tokens_per_s=(n_decode / (t1 - t_first)) if t_first and n_decode else 0.0,
+                    total_s=t1 - t0,
+                )
+            await asyncio.shield(chain.close())
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        sampling: SamplingConfig = SamplingConfig(),
+        chat: bool = True,
+        stop_at_eos: bool = True,
+        on_token: Callable[[int], None] | None = None,
+        on_failover: Callable[[FailoverEvent], None] | None = None,
+    ) -> GenerationResult:
+        ids = self.encode_prompt(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        stats: dict = {}
+        tokens: list[int] = []
+        async for tok in self.stream(ids, max_new_tokens, sampling, stop_at_eos, on_failover, stats):
+            tokens.append(tok)
+            if on_token:
+                on_token(tok)
+        return GenerationResult(
+            prompt_ids=ids,
+            tokens=tokens,
+            text=self.decode(tokens) if self.tokenizer is not None else None,
+            routes=stats["routes"],
+            failovers=stats["failovers"],
+            ttft_s=stats["ttft_s"],
+            decode_tokens_per_s=stats["decode_tokens_per_s"],
+            total_s=stats["total_s"],
+        )
+
+
+def _load_tokenizer(manifest: Manifest):
+    if not (manifest.root / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(manifest.root)

@@ -1,0 +1,95 @@
+"""`swarm status`: a snapshot of the swarm (one JSON shape, shared with the API's /v1/swarm) and
+its rendering as a table with a per-block coverage line."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .directory import Directory, PeerView
+
+
+def snapshot(peers: list[PeerView], now_ms: float | None = None) -> dict[str, Any]:
+    """The JSON shape of the swarm: peers and, per model, how many peers cover each block."""
+    now_ms = now_ms if now_ms is not None else time.time() * 1000
+    models: dict[str, dict[str, Any]] = {}
+    rows = []
+    for p in sorted(peers, key=lambda p: (p.model_hash, p.start, p.peer_id)):
+        r = p.record
+        n_blocks = int(r.get("num_blocks", 0)) or p.end
+        m = models.setdefault(p.model_hash, {"name": r.get("model", "?"), "model_hash": p.model_hash, "num_blocks": n_blocks, "coverage": []})
+        m["num_blocks"] = max(m["num_blocks"], n_blocks, p.end)
+        rows.append(
+            {
+                "peer_id": p.peer_id,
+                "addrs": list(p.addrs),
+                "model": r.get("model", "?"),
+                "model_hash": p.model_hash,
+                "start": p.start,
+                "end": p.end,
+                "dtype": p.dtype,
+                "quant": p.quant,
+                "throughput": round(float(r.get("throughput", 0.0)), 2),
+                "ms_per_block": round(p.ms_per_block, 3),
+                "sessions": p.sessions,
+                "free_cache": p.free_cache,
+                "age_s": round(max(0.0, now_ms - float(r.get("version", now_ms))) / 1000, 1),
+            }
+        )
+    for m in models.values():
+        cov = [0] * m["num_blocks"]
+        for p in peers:
+            if p.model_hash == m["model_hash"]:
+                for b in range(p.start, min(p.end, len(cov))):
+                    cov[b] += 1
+        m["coverage"] = cov
+        m["uncovered"] = [b for b, c in enumerate(cov) if c == 0]
+    return {"peers": rows, "models": list(models.values())}
+
+
+async def collect(bootstrap: tuple[str, ...], timeout: float = 3.0) -> dict[str, Any]:
+    d = Directory("", bootstrap, mdns=not bootstrap)
+    await d.start()
+    try:
+        await d.settle(timeout)
+    finally:
+        await d.stop()
+    return snapshot(d.all_peers())
+
+
+def render(snap: dict[str, Any]) -> str:
+    if not snap["peers"]:
+        return "no peers found (pass --peer HOST:PORT, or start one with `swarm join`)"
+    lines = []
+    hdr = f"{'peer':<12} {'address':<22} {'model':<14} {'blocks':>9} {'dtype':<9} {'tok/s':>7} {'sessions':>8} {'free cache':>10} {'age':>6}"
+    lines.append(hdr)
+    for r in snap["peers"]:
+        lines.append(
+            f"{r['peer_id'][:10]:<12} {r['addrs'][0] if r['addrs'] else '-':<22} {r['model'][:14]:<14} "
+            f"{str(r['start']) + ':' + str(r['end']):>9} {r['dtype'] + ('/' + r['quant'] if r['quant'] != 'none' else ''):<9} "
+            f"{r['throughput']:>7.1f} {r['sessions']:>8} {r['free_cache']:>10} {r['age_s']:>5.1f}s"
+        )
+    for m in snap["models"]:
+        cov = m["coverage"]
+        bar = "".join("." if c == 0 else str(min(c, 9)) for c in cov)
+        lines.append("")
+        lines.append(f"coverage of {m['name']} ({m['model_hash'][:12]}), {len(cov)} blocks, replicas per block:")
+        lines.append(f"  [{bar}]")
+        if m["uncovered"]:
+            lines.append(f"  GAP: blocks {_ranges(m['uncovered'])} are served by no peer")
+        else:
+            lines.append("  every block is covered")
+    return "\n".join(lines)
+
+
+def _ranges(blocks: list[int]) -> str:
+    out, s, prev = [], None, None
+    for b in blocks + [None]:  # type: ignore[list-item]
+        if s is None:
+            s = prev = b
+        elif b == prev + 1:
+            prev = b
+        else:
+            out.append(f"{s}" if s == prev else f"{s}:{prev + 1}")
+            s = prev = b
+    return ", ".join(out)

@@ -1,0 +1,188 @@
+"""The asyncio glue around the wire codec: a request/response connection and a frame server.
+
+Thin on purpose: framing rules live in `wire`, security in `secure`. A `Connection` lets many
+coroutines share one stream (replies are matched to requests by id), and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+
+from . import wire
+from .errors import PeerUnavailable, ProtocolError, RemoteError
+
+log = logging.getLogger(__name__)
+
+
+async def read_frame(reader: asyncio.StreamReader, decoder: wire.FrameDecoder, timeout: float | None) -> bytes | None:
+    """The next frame body, None on a clean EOF between frames. Raises ProtocolError (fatal)
+    for an oversized length and asyncio.IncompleteReadError for a frame cut short."""
+    header = await _bounded(reader.readexactly(wire.HEADER.size), timeout, allow_eof=True)
+    if header is None:
+        return None
+    (n,) = wire.HEADER.unpack(header)
+    if n > decoder.max_frame:
+        raise ProtocolError(f"frame of {n} bytes exceeds the limit of {decoder.max_frame} bytes", fatal=True)
+    return await _bounded(reader.readexactly(n), timeout, allow_eof=False)
+
+
+async def _bounded(coro: Awaitable[bytes], timeout: float | None, allow_eof: bool) -> bytes | None:
+    try:
+        if timeout is None:
+            return await coro
+        return await asyncio.wait_for(coro, timeout)
+    except asyncio.IncompleteReadError as e:
+        if allow_eof and not e.partial:
+            return None
+        raise
+
+
+class Connection:
+    """A client's connection to one peer. `request()` sends a message and awaits its reply."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
+        self.peer = peer  # a label for errors and logs: peer id or address
+        self.remote_id: str | None = None  # the verified peer id, when the link is secure
+        self._reader = reader
+        self._writer = writer
+        self._decoder = wire.FrameDecoder(max_frame)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[wire.Message]] = {}
+        self._closed: BaseException | None = None
+        self._reader_task = asyncio.create_task(self._read_loop(), name=f"read {peer}")
+
+    @classmethod
+    async def open(cls, host: str, port: int, timeout: float = 5.0, peer: str | None = None, **kw) -> "Connection":
+        label = peer or f"{host}:{port}"
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise PeerUnavailable(f"cannot connect to {host}:{port}: {e or 'timed out'}", peer=label) from None
+        return cls(reader, writer, label, **kw)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    async def request(self, msg_factory: Callable[[int], wire.Message], timeout: float | None = 30.0) -> wire.Message:
+        """Send the message `msg_factory(request_id)` and return the reply. An Error reply raises
+        RemoteError with its code; a broken link or a timeout raises PeerUnavailable."""
+        if self._closed is not None:
+            raise PeerUnavailable(f"connection to {self.peer} is closed", peer=self.peer)
+        rid = next(self._ids)
+        fut: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            self._writer.write(wire.encode(msg_factory(rid)))
+            if self._writer.transport.get_write_buffer_size() > 1 << 20:
+                await self._writer.drain()
+            reply = await asyncio.wait_for(fut, timeout) if timeout else await fut
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"{self.peer} did not answer within {timeout:.1f}s", peer=self.peer) from None
+        except (ConnectionError, OSError) as e:
+            raise PeerUnavailable(f"lost connection to {self.peer}: {e}", peer=self.peer) from None
+        finally:
+            self._pending.pop(rid, None)
+        if isinstance(reply, wire.Error):
+            raise RemoteError(f"{self.peer}: {reply.message}", code=reply.code, peer=self.peer)
+        return reply
+
+    async def _read_loop(self) -> None:
+        err: BaseException = PeerUnavailable(f"{self.peer} closed the connection", peer=self.peer)
+        try:
+            while True:
+                body = await read_frame(self._reader, self._decoder, None)
+                if body is None:
+                    break
+                msg = wire.decode_body(body)
+                fut = self._pending.get(msg.id)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except asyncio.CancelledError:
+            err = PeerUnavailable(f"connection to {self.peer} closed", peer=self.peer)
+        except ProtocolError as e:
+            err = PeerUnavailable(f"{self.peer} sent a bad frame: {e}", peer=self.peer)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            err = PeerUnavailable(f"lost connection to {self.peer}: {e or type(e).__name__}", peer=self.peer)
+        finally:
+            self._fail_all(err)
+
+    def _fail_all(self, err: BaseException) -> None:
+        self._closed = err
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending.clear()
+        self._writer.close()
+
+    async def close(self) -> None:
+        if self._reader_task.done() and self._closed is not None:
+            return
+        self._reader_task.cancel()
+        try:
+            await self._reader_task
+        except (asyncio.CancelledError, Exception):
+            pass
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+        except (asyncio.TimeoutError, OSError, ConnectionError):
+            pass
+
+
+Handler = Callable[[wire.Message], Awaitable[wire.Message]]
+
+
+async def serve_frames(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    handle: Handler,
+    *,
+    max_frame: int,
+    idle_timeout: float,
+    frame_timeout: float,
+) -> None:
+    """Answer requests on one connection until it closes. A frame that does not decode gets an
+    Error reply and the connection goes on; a broken stream (oversized or cut frame, a sender
+    too slow to finish a frame) closes it. Nothing here can take the server down."""
+    decoder = wire.FrameDecoder(max_frame)
+    try:
+        while True:
+            try:
+                header = await _bounded(reader.readexactly(wire.HEADER.size), idle_timeout, allow_eof=True)
+                if header is None:
+                    return
+                (n,) = wire.HEADER.unpack(header)
+                if n > max_frame:
+                    writer.write(wire.encode(wire.Error(0, "frame_too_large", f"frame of {n} bytes exceeds the limit of {max_frame} bytes")))
+                    return
+                body = await _bounded(reader.readexactly(n), frame_timeout, allow_eof=False)
+            except asyncio.TimeoutError:
+                return  # idle, or a frame trickling in too slowly to be honest
+            try:
+                msg = wire.decode_body(body)
+            except ProtocolError as e:
+                writer.write(wire.encode(wire.Error(_request_id(body), e.code, str(e))))
+                continue
+            reply = await handle(msg)
+            writer.write(wire.encode(reply))
+            if writer.transport.get_write_buffer_size() > 1 << 20:
+                await asyncio.wait_for(writer.drain(), idle_timeout)
+    except (asyncio.IncompleteReadError, ConnectionError, OSError, asyncio.TimeoutError):
+        return
+    finally:
+        writer.close()
+
+
+def _request_id(body: bytes) -> int:
+    """Best effort: the id of a request whose body failed validation, so the error pairs up."""
+    try:
+        import msgpack
+
+        obj = msgpack.unpackb(body, raw=False, max_array_len=1000, max_map_len=1000)
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        return rid if type(rid) is int else 0
+    except Exception:
+        return 0

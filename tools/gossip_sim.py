@@ -1,0 +1,269 @@
+"""Simulate the gossip core for N peers in one process: how fast tables agree, what a round costs.
+
+Every peer runs a real `GossipTable` with real Ed25519 records; messages are encoded with the real
+codec (`swarm.wire.encode`) to measure their size, then dropped (loss) or delivered after a delay
+of whole rounds. One round is one gossip interval (0.5 s of simulated time, so the table's
+timeouts in seconds apply unchanged); heartbeats bump each peer's version every 2 rounds (1 s).
+
+Two phases per size:
+
+1. bootstrap: every peer knows only itself and one seed (a random earlier peer: the sparsest
+   connected start); no heartbeats. Reported: rounds until every table holds exactly the same
+   records (the versions every peer announced), and bytes sent per peer per round meanwhile.
+2. steady: heartbeats on; one peer is killed silently and one new peer joins at the start (plus
+   `--churn` of the peers per round killed and replaced). Reported: seconds until the joiner is in
+   every live table, seconds until the killed peer is gone from every table, live peers wrongly
+   removed, and bytes per peer per round.
+
+Run: `python tools/gossip_sim.py` (10, 100, 1000 peers, 5% loss) or with --peers/--loss/--seed/
+--churn/--delay. Signature checks are shared through one cache (each distinct record is verified
+once for the whole simulation, not once per peer) to keep 1,000 peers within a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from swarm import wire  # noqa: E402
+from swarm.gossip import (  # noqa: E402
+    GossipConfig,
+    GossipPush,
+    GossipRecords,
+    GossipReply,
+    GossipTable,
+    PeerRecord,
+    choose_gossip_targets,
+)
+from swarm.identity import Identity  # noqa: E402
+
+ROUND_S = 0.5  # one gossip interval
+HEARTBEAT_ROUNDS = 2  # version bump every 1 s
+HASH = "ab" * 32
+
+
+class SharedVerifier:
+    """Verifies each distinct record once for all simulated peers (real Ed25519 underneath)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[tuple[str, int, bytes], bool] = {}
+
+    def __call__(self, rec: PeerRecord) -> bool:
+        key = (rec.peer_id, rec.version, rec.signature)
+        ok = self.cache.get(key)
+        if ok is None:
+            ok = self.cache[key] = rec.verify()
+        return ok
+
+
+@dataclass
+class SimPeer:
+    ident: Identity
+    table: GossipTable
+    seeds: list[str]
+    start: int
+    alive: bool = True
+    next_beat: int = 0
+    sent_bytes: int = 0
+
+    @property
+    def pid(self) -> str:
+        return self.ident.peer_id
+
+    def beat(self, now: float) -> None:
+        """Sign and install a new version of our record (the heartbeat)."""
+        v = 1 + int(now * 1000)
+        r = PeerRecord(self.pid, (f"10.0.0.1:{7000 + self.start}",), "smollm2-135m", HASH,
+                       self.start, self.start + 10, "float32", "none", 15.0, 1.5, 4096, 0, v)
+        self.table.update_own(r.sign(self.ident), now)
+
+
+@dataclass
+class Sim:
+    n: int
+    loss: float
+    delay: int
+    churn: float
+    rng: random.Random
+    fanout: int = 3
+    config: GossipConfig = field(default_factory=GossipConfig)
+    verifier: SharedVerifier = field(default_factory=SharedVerifier)
+    peers: dict[str, SimPeer] = field(default_factory=dict)
+    queue: dict[int, list[tuple]] = field(default_factory=lambda: defaultdict(list))
+    round: int = 0
+    msg_id: int = 0
+    false_removals: int = 0
+
+    def add_peer(self, seeds: list[str], now: float) -> SimPeer:
+        ident = Identity.generate()
+        p = SimPeer(ident, GossipTable(ident.peer_id, self.config, self.verifier), seeds,
+                    start=self.rng.randrange(0, 20), next_beat=self.round + 1 + self.rng.randrange(HEARTBEAT_ROUNDS))
+        p.beat(now)
+        self.peers[p.pid] = p
+        return p
+
+    def live(self) -> list[SimPeer]:
+        return [p for p in self.peers.values() if p.alive]
+
+    def send(self, src: SimPeer, kind: str, dst: str, msg: wire.Message) -> None:
+        src.sent_bytes += len(wire.encode(msg))
+        if self.rng.random() < self.loss:
+            return
+        self.queue[self.round + self.delay].append((kind, src.pid, dst, msg))
+
+    def step(self, heartbeats: bool) -> None:
+        now = self.round * ROUND_S
+        live = self.live()
+        if heartbeats:
+            for p in live:
+                if self.round >= p.next_beat:
+                    p.beat(now)
+                    p.next_beat = self.round + HEARTBEAT_ROUNDS
+        self.rng.shuffle(live)
+        for p in live:
+            targets = choose_gossip_targets(p.table, self.rng, self.fanout)
+            for s in p.seeds:  # bootstrap addresses (mDNS / --peer) until the table knows others
+                if len(targets) >= self.fanout:
+                    break
+                if s not in targets and s != p.pid:
+                    targets.append(s)
+            for t in targets:
+                self.msg_id += 1
+                self.send(p, "push", t, p.table.make_push(self.msg_id))
+        events = self.queue.pop(self.round, [])
+        i = 0
+        while i < len(events):  # delay 0: replies land in this same round
+            kind, src, dst, msg = events[i]
+            i += 1
+            peer = self.peers[dst]
+            if not peer.alive:
+                continue
+            if kind == "push":
+                assert isinstance(msg, GossipPush)
+                reply, _ = peer.table.on_push(msg, now)
+                self.send(peer, "reply", src, reply)
+            elif kind == "reply":
+                assert isinstance(msg, GossipReply)
+                _, follow = peer.table.on_reply(msg, now)
+                if follow is not None:
+                    self.send(peer, "records", src, follow)
+            else:
+                assert isinstance(msg, GossipRecords)
+                peer.table.on_records(msg, now)
+            if self.delay == 0 and self.queue.get(self.round):
+                events.extend(self.queue.pop(self.round))
+        for p in self.live():
+            for pid in p.table.expire(now).removed:
+                if self.peers[pid].alive:
+                    self.false_removals += 1
+        self.round += 1
+
+    def agreed(self) -> bool:
+        live = self.live()
+        truth = {p.pid: p.table.get(p.pid).version for p in live}  # type: ignore[union-attr]
+        return all(p.table.digest() == truth for p in live)
+
+    def bytes_this_round(self) -> float:
+        live = self.live()
+        total = sum(p.sent_bytes for p in live)
+        for p in live:
+            p.sent_bytes = 0
+        return total / max(1, len(live))
+
+
+def run(n: int, loss: float, seed: int, churn: float, delay: int, steady_rounds: int) -> dict:
+    rng = random.Random(seed)
+    sim = Sim(n, loss, delay, churn, rng)
+    t0 = time.perf_counter()
+    ids: list[str] = []
+    for i in range(n):
+        p = sim.add_peer([ids[rng.randrange(i)]] if i else [], 0.0)
+        ids.append(p.pid)
+    boot_bytes: list[float] = []
+    rounds = None
+    for _ in range(200):
+        sim.step(heartbeats=False)
+        boot_bytes.append(sim.bytes_this_round())
+        if sim.agreed():
+            rounds = sim.round
+            break
+    # steady: heartbeats, one silent kill and one join at the start, optional churn
+    now = sim.round * ROUND_S
+    victims = {rng.choice(sim.live()).pid: sim.round}
+    for v in victims:
+        sim.peers[v].alive = False
+    joins = {sim.add_peer([rng.choice(sim.live()).pid], now).pid: sim.round}
+    steady_bytes: list[float] = []
+    join_lat: dict[str, float] = {}
+    gone_lat: dict[str, float] = {}
+    for _ in range(steady_rounds):
+        if churn:
+            k = sum(1 for _ in sim.live() if rng.random() < churn)
+            for _ in range(k):
+                v = rng.choice(sim.live())
+                v.alive = False
+                victims[v.pid] = sim.round
+                joins[sim.add_peer([rng.choice(sim.live()).pid], sim.round * ROUND_S).pid] = sim.round
+        sim.step(heartbeats=True)
+        steady_bytes.append(sim.bytes_this_round())
+        live = sim.live()
+        for j, r0 in joins.items():
+            if j not in join_lat and sim.peers[j].alive and all(j in p.table for p in live):
+                join_lat[j] = (sim.round - r0) * ROUND_S
+        for v, r0 in victims.items():
+            if v not in gone_lat and all(v not in p.table for p in live):
+                gone_lat[v] = (sim.round - r0) * ROUND_S
+    return {
+        "n": n,
+        "loss": loss,
+        "rounds": rounds,
+        "boot_bpr": sum(boot_bytes) / len(boot_bytes),
+        "boot_bpr_max": max(boot_bytes),
+        "steady_bpr": sum(steady_bytes) / max(1, len(steady_bytes)),
+        "join_s": max(join_lat.values()) if join_lat else math.inf,
+        "joins_seen": f"{len(join_lat)}/{len(joins)}",
+        "gone_s": max(gone_lat.values()) if gone_lat else math.inf,
+        "gone_seen": f"{len(gone_lat)}/{len(victims)}",
+        "false_removals": sim.false_removals,
+        "secs": time.perf_counter() - t0,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peers", type=int, nargs="*", default=[10, 100, 1000], help="swarm sizes")
+    ap.add_argument("--loss", type=float, default=0.05, help="fraction of messages dropped")
+    ap.add_argument("--delay", type=int, default=0, help="rounds each message takes to arrive")
+    ap.add_argument("--churn", type=float, default=0.0,
+                    help="fraction of live peers killed (and as many joined) per steady round")
+    ap.add_argument("--steady-rounds", type=int, default=30, help="rounds of the steady phase")
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args(argv)
+    cfg = GossipConfig()
+    print(f"round {ROUND_S}s, heartbeat {HEARTBEAT_ROUNDS * ROUND_S}s, fanout 3, "
+          f"max {cfg.max_records_per_round} records and {cfg.max_digest_entries} digest entries per "
+          f"message, suspect {cfg.suspect_after}s, dead {cfg.dead_after}s, loss {a.loss:.0%}, "
+          f"delay {a.delay} rounds, churn {a.churn:.1%}/round, seed {a.seed}")
+    head = (f"{'peers':>6} {'rounds':>6} {'log2N':>5} {'boot B/peer/rnd':>15} {'(max)':>8} "
+            f"{'steady B/peer/rnd':>17} {'join seen':>10} {'kill gone':>10} {'false rm':>8} {'sim s':>6}")
+    print(head)
+    for n in a.peers:
+        r = run(n, a.loss, a.seed, a.churn, a.delay, a.steady_rounds)
+        rounds = r["rounds"] if r["rounds"] is not None else "never"
+        print(f"{n:>6} {rounds:>6} {math.log2(n):>5.1f} {r['boot_bpr']:>15,.0f} {r['boot_bpr_max']:>8,.0f} "
+              f"{r['steady_bpr']:>17,.0f} {r['join_s']:>8.1f}s {r['gone_s']:>8.1f}s "
+              f"{r['false_removals']:>8} {r['secs']:>6.1f}", flush=True)
+        if a.churn:
+            print(f"{'':>6} joins seen by all: {r['joins_seen']}, kills gone from all: {r['gone_seen']}")
+
+
+if __name__ == "__main__":
+    main()
