@@ -1,4 +1,4 @@
-"""The `swarm` command: prepare, join, generate, status, demo."""
+"""The `swarm` command: prepare, join, generate, status, api, demo."""
 
 from __future__ import annotations
 
@@ -116,7 +116,10 @@ async def _join(args: argparse.Namespace) -> int:
     span = args.blocks or (0, manifest.num_blocks)
     if span[1] > manifest.num_blocks:
         raise SwarmError(f"--blocks {span[0]}:{span[1]} goes past the model's {manifest.num_blocks} blocks")
-    identity = Identity.load_or_create(args.identity or default_identity_path(args.port or 0))
+    if args.identity or args.port:
+        identity = Identity.load_or_create(args.identity or default_identity_path(args.port))
+    else:
+        identity = Identity.generate()  # any free port: a fresh identity, as unstable as the port
     config = PeerConfig(
         start=span[0],
         end=span[1],
@@ -220,6 +223,35 @@ async def _status(args: argparse.Namespace) -> int:
     return 0 if snapshot["peers"] else 1
 
 
+# --- api ------------------------------------------------------------------------------------------
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    return asyncio.run(_api(args))
+
+
+async def _api(args: argparse.Namespace) -> int:
+    from .api import ApiConfig, ApiServer
+
+    key = args.api_key if args.api_key is not None else os.environ.get("SWARM_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        log.warning("listening on %s without --api-key: anyone who can reach it can use the swarm through it", args.host)
+    cfg = ApiConfig(
+        model=args.model, host=args.host, port=args.port, api_key=key, bootstrap=tuple(args.peer), mdns=not args.no_mdns,
+        discovery_timeout=args.discovery_timeout, torch_threads=args.threads,
+    )
+    server = await ApiServer.start(cfg)
+    log.info("serving %s at http://%s/v1 (the swarm map at http://%s/)", server.model_name, server.address, server.address)
+    print(f"READY http://{server.address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.close()
+    return 0
+
+
 # --- demo -----------------------------------------------------------------------------------------
 
 
@@ -293,6 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--discovery-timeout", type=float, default=3.0)
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API and a live map of the swarm")
+    sp.add_argument("--model", default=DEFAULT_MODEL)
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need care)")
+    sp.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
+    sp.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $SWARM_API_KEY, else none)")
+    sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")
+    sp.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN")
+    sp.add_argument("--discovery-timeout", type=float, default=10.0, help="seconds a request waits for the swarm")
+    sp.add_argument("--threads", type=int, default=None, help="torch threads for the local head")
+    sp.set_defaults(func=cmd_api)
 
     sp = sub.add_parser("demo", help="start a local 3-peer swarm and answer one prompt through it")
     sp.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence, then name two famous sights there.")

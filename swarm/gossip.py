@@ -13,7 +13,9 @@ Rules of the table (learned from memberlist/SWIM, reshaped for signed records):
 * A `leaving` record removes its peer at once. The signed leave is kept as a tombstone and gossiped
   on, so everyone learns it and nobody resurrects the peer with an older record.
 * One exchange is push-pull: the initiator sends its digest (peer id -> version) and a bounded
-  batch of fresh records (rumors); the responder answers with the records the initiator lacks and
+  batch of rumors (records with news: a new peer, a changed span or load, a leave; each re-sent a
+  few times, ~log N, as in memberlist; a bare heartbeat is no rumor, it travels by digest
+  comparison alone, so steady-state traffic stays small); the responder answers with the records the initiator lacks and
   the ids it wants itself; the initiator may send those in a one-way `GossipRecords`. Every message
   carries at most `max_records_per_round` records and `max_digest_entries` digest entries, so a
   round costs the same at 1,000 peers as at 100: above the bound the digest covers a rotating
@@ -96,20 +98,26 @@ class PeerRecord:
     # ---- signing
 
     def _fields_map(self) -> dict[str, Any]:
-        """Wire map of every field but the signature (unknown ones included)."""
-        d: dict[str, Any] = {k: v for k, v in self.extra}
-        for f in fields(self):
-            if f.name in ("signature", "extra"):
-                continue
-            v = getattr(self, f.name)
-            d[f.name] = list(v) if isinstance(v, tuple) else v
-        return d
+        """Wire map of every field but the signature (unknown ones included). Built once per
+        record (records are immutable) because gossip re-sends the same record many times."""
+        cached = self.__dict__.get("_wire_cache")
+        if cached is None:
+            cached = {k: v for k, v in self.extra}
+            for name in _SIGNED_FIELDS:
+                v = getattr(self, name)
+                cached[name] = list(v) if isinstance(v, tuple) else v
+            object.__setattr__(self, "_wire_cache", cached)  # a cache, not state: frozen holds
+        return dict(cached)
 
     def signed_bytes(self) -> bytes:
         """Canonical bytes the signature covers: msgpack of all fields but the signature, keys
         sorted, floats as float64, behind a context string."""
-        d = self._fields_map()
-        return _SIGN_CONTEXT + msgpack.packb({k: d[k] for k in sorted(d)}, use_bin_type=True)
+        cached = self.__dict__.get("_signed_cache")
+        if cached is None:
+            d = self._fields_map()
+            cached = _SIGN_CONTEXT + msgpack.packb({k: d[k] for k in sorted(d)}, use_bin_type=True)
+            object.__setattr__(self, "_signed_cache", cached)
+        return cached
 
     def sign(self, identity: Identity) -> "PeerRecord":
         """A copy signed by `identity`, which must own this record's id."""
@@ -171,6 +179,12 @@ class PeerRecord:
             raise ProtocolError(f"peer record: larger than {MAX_RECORD_BYTES} bytes")
         return rec
 
+    def same_content(self, other: "PeerRecord") -> bool:
+        """True when the two differ at most in version and signature: a bare heartbeat."""
+        a, b = self._fields_map(), other._fields_map()
+        a.pop("version"), b.pop("version")
+        return a == b
+
     @property
     def rank(self) -> tuple[int, bool, bytes]:
         """The total order merges keep the maximum of: newer, then leaving, then signature bytes
@@ -179,6 +193,9 @@ class PeerRecord:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(PeerRecord)) - {"extra"}
+_SIGNED_FIELDS = tuple(f.name for f in fields(PeerRecord) if f.name not in ("signature", "extra"))
+# what a heartbeat changes; a record differing from the held one only in these is not rumored
+
 
 
 def _get(d: dict, key: str, tp: type) -> Any:
@@ -488,7 +505,8 @@ class GossipTable:
             self._sorted = None
         self._records[self.own] = record
         self._last_news[self.own] = now
-        self._spread(self.own)
+        if cur is None or not record.same_content(cur):
+            self._spread(self.own)
 
     def merge(self, records: Iterable[PeerRecord | dict], now: float) -> MergeResult:
         """Keep, per peer, the highest-ranked valid record; drop the rest and count why.
@@ -550,7 +568,8 @@ class GossipTable:
             self._last_news[pid] = now
         self._records[pid] = rec
         self._suspected.discard(pid)
-        self._spread(pid)
+        if cur is None or not rec.same_content(cur):
+            self._spread(pid)  # news; a bare heartbeat travels by digest comparison only
         accepted.append(pid)
         return None
 

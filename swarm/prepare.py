@@ -9,6 +9,7 @@ files, rebuilding only what is missing or corrupted.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -78,8 +79,18 @@ def load_manifest(model: str) -> Manifest:
 
 
 def prepare(model: str = DEFAULT_MODEL, progress: Progress | None = None, force: bool = False) -> Manifest:
-    """Prepare `model` once; later calls check the hashes and reuse the files."""
+    """Prepare `model` once; later calls check the hashes and reuse the files. Several processes
+    preparing the same model at once (three `swarm join &`) take turns on a lock file."""
     root = model_dir(model)
+    if (root / MANIFEST).exists() and model == str(root):
+        return Manifest.load(root)  # a prepared folder given directly
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_locked(model, root, progress, force)
+
+
+def _prepare_locked(model: str, root: Path, progress: Progress | None, force: bool) -> Manifest:
     if (root / MANIFEST).exists() and not force:
         manifest = Manifest.load(root)
         bad = manifest.corrupted()

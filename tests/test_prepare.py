@@ -1,0 +1,108 @@
+"""Model preparation: per-block files, the manifest, reuse, corruption, reconstruction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from swarm.blocks import BlockSpan, Head
+from swarm.errors import ModelError
+from swarm.manifest import Manifest
+from swarm.prepare import prepare
+
+
+def test_blocks_put_back_together_equal_the_original(tiny_models: dict[str, Path]) -> None:
+    for kind, src in tiny_models.items():
+        m = prepare(str(src))
+        original = load_file(str(src / "model.safetensors"))
+        rebuilt: dict[str, torch.Tensor] = {}
+        for i, entry in enumerate(m.blocks):
+            for k, v in load_file(str(m.path(entry))).items():
+                rebuilt[f"model.layers.{i}.{k}"] = v
+        client = load_file(str(m.path(m.client)))
+        rebuilt["model.embed_tokens.weight"] = client["embed_tokens.weight"]
+        rebuilt["model.norm.weight"] = client["norm.weight"]
+        if "lm_head.weight" in client:
+            rebuilt["lm_head.weight"] = client["lm_head.weight"]
+        assert set(rebuilt) == set(original), kind
+        for k in original:
+            assert torch.equal(rebuilt[k], original[k]), (kind, k)
+        assert m.num_blocks == json.loads((src / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_manifest_hashes_every_file_and_names_the_model(tiny_model: Path) -> None:
+    m = prepare(str(tiny_model))
+    again = Manifest.load(m.root)
+    assert again.model_hash == m.model_hash and len(m.model_hash) == 64
+    assert m.corrupted() == []
+    assert all(len(b.sha256) == 64 for b in m.blocks)
+
+
+def test_preparing_twice_reuses_the_cache(tiny_model: Path) -> None:
+    m1 = prepare(str(tiny_model))
+    stamp = m1.path(m1.blocks[0]).stat().st_mtime_ns
+    m2 = prepare(str(tiny_model))
+    assert m2.model_hash == m1.model_hash
+    assert m2.path(m2.blocks[0]).stat().st_mtime_ns == stamp  # not rewritten
+
+
+def test_a_corrupted_block_is_detected_reported_and_rebuilt(tiny_model: Path, tmp_path: Path) -> None:
+    m = prepare(str(tiny_model))
+    path = m.path(m.blocks[2])
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"corrupted.*sha256"):
+        BlockSpan.load(m, 2, 3)
+    assert [e.file for e in m.corrupted()] == [m.blocks[2].file]
+    # a peer holding only other blocks is unaffected: it reads only its own files
+    BlockSpan.load(m, 0, 2)
+    rebuilt = prepare(str(tiny_model))
+    assert rebuilt.corrupted() == [] and rebuilt.model_hash == m.model_hash
+
+
+def test_a_span_loads_only_its_own_blocks(tiny_model: Path) -> None:
+    m = prepare(str(tiny_model))
+    span = BlockSpan.load(m, 1, 3)
+    assert len(span.layers) == 2
+    per_block = sum(v.numel() * v.element_size() for v in load_file(str(m.path(m.blocks[1]))).values())
+    assert span.weight_bytes() == 2 * per_block
+
+
+def test_unknown_models_and_missing_files_get_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="unknown model"):
+        prepare(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="config.json"):
+        prepare(str(tmp_path / "empty"))
+
+
+def test_span_and_head_match_the_whole_model(tiny_model: Path) -> None:
+    """Our execution of the blocks against transformers' forward of the whole model."""
+    from transformers import AutoModelForCausalLM
+
+    m = prepare(str(tiny_model))
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    ids = [5, 17, 99, 3, 42, 7]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    head = Head.load(m)
+    spans = [BlockSpan.load(m, 0, 2), BlockSpan.load(m, 2, m.num_blocks)]
+    caches = [s.new_cache() for s in spans]
+    # prompt of 4 rows, then one row at a time: both paths through the cache
+    got = []
+    h = head.embed_ids(ids[:4])
+    for s, c in zip(spans, caches):
+        h = s.forward(h, 0, c)
+    got.append(head.logits(h))
+    for pos in range(4, len(ids)):
+        h = head.embed_ids([ids[pos]])
+        for s, c in zip(spans, caches):
+            h = s.forward(h, pos, c)
+        got.append(head.logits(h))
+    for j, logits in enumerate(got):
+        torch.testing.assert_close(logits, want[3 + j], rtol=1e-4, atol=1e-4)
