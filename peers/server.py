@@ -19,7 +19,8 @@ import torch
 
 from swarm import wire
 from swarm.blocks import BlockSpan, rewind
-from swarm.errors import ProtocolError
+from swarm.errors import ProtocolError, SwarmError
+from swarm.secure import SwarmKey, accept_secure, server_context
 from swarm.identity import Identity
 from swarm.manifest import Manifest
 from swarm.transport import serve_frames
@@ -42,6 +43,7 @@ class PeerConfig:
     frame_timeout: float = 10.0  # seconds a started frame may take to arrive (slow senders)
     torch_threads: int | None = None  # intra-op threads for compute; None keeps torch's choice
     announce_host: str | None = None  # address others should use, when host is 0.0.0.0
+    swarm_key: SwarmKey | None = None  # a private swarm's secret; None for the public swarm
 
 
 class PeerServer:
@@ -69,7 +71,9 @@ class PeerServer:
             span = await asyncio.to_thread(BlockSpan.load, manifest, config.start, config.end, config.dtype)
         self = cls(manifest, identity, config, span)
         await self._calibrate()
-        self._server = await asyncio.start_server(self._on_connect, config.host, config.port)
+        self._server = await asyncio.start_server(
+            self._on_connect, config.host, config.port, ssl=server_context(identity), ssl_handshake_timeout=config.frame_timeout
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         self._spawn(self._expire_loop())
         return self
@@ -128,10 +132,15 @@ class PeerServer:
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = next(self._conn_ids)
         try:
+            caller = await accept_secure(reader, writer, self.identity, self.config.swarm_key, self.config.frame_timeout)
+        except SwarmError as e:
+            log.info("refused a caller from %s: %s", writer.get_extra_info("peername"), e)
+            return
+        try:
             await serve_frames(
                 reader,
                 writer,
-                lambda msg: self._handle(conn, msg),
+                lambda msg: self._handle(conn, caller, msg),
                 max_frame=self.config.max_frame,
                 idle_timeout=self.config.conn_idle_timeout,
                 frame_timeout=self.config.frame_timeout,
@@ -140,12 +149,12 @@ class PeerServer:
             for s in self.sessions.close_owner(conn):
                 log.debug("session %d closed with its connection", s.id)
 
-    async def _handle(self, conn: int, msg: wire.Message) -> wire.Message:
+    async def _handle(self, conn: int, caller: str, msg: wire.Message) -> wire.Message:
         try:
             if isinstance(msg, wire.Forward):
                 return await self._forward(conn, msg)
             if isinstance(msg, wire.OpenSession):
-                return self._open(conn, msg)
+                return self._open(conn, caller, msg)
             if isinstance(msg, wire.CloseSession):
                 self.sessions.get(conn, msg.session, time.monotonic())
                 self.sessions.close(msg.session)
@@ -163,14 +172,14 @@ class PeerServer:
             log.exception("internal error while serving %s", msg.TYPE)
             return wire.Error(msg.id, "internal", f"internal error: {type(e).__name__}")
 
-    def _open(self, conn: int, msg: wire.OpenSession) -> wire.Message:
+    def _open(self, conn: int, caller: str, msg: wire.OpenSession) -> wire.Message:
         if not (self.span.start <= msg.start < msg.end <= self.span.end):
             raise SessionError(
                 "bad_span", f"blocks {msg.start}:{msg.end} are not inside this peer's span {self.span.start}:{self.span.end}"
             )
         if msg.dtype not in wire.WIRE_DTYPES:
             raise SessionError("bad_dtype", f"dtype {msg.dtype!r} not allowed (allowed: {', '.join(wire.WIRE_DTYPES)})")
-        s = self.sessions.open(conn, msg.start, msg.end, msg.max_length, msg.dtype, self.span.new_cache(), time.monotonic())
+        s = self.sessions.open(conn, caller, msg.start, msg.end, msg.max_length, msg.dtype, self.span.new_cache(), time.monotonic())
         return wire.SessionOpened(msg.id, session=s.id)
 
     async def _forward(self, conn: int, msg: wire.Forward) -> wire.Message:

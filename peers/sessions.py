@@ -36,6 +36,7 @@ class Limits:
 class Session:
     id: int
     owner: int  # the connection that opened it
+    caller: str  # the verified peer id of whoever opened it (limits are per caller)
     start: int
     end: int
     max_length: int
@@ -60,19 +61,19 @@ class SessionTable:
     def free_tokens(self) -> int:
         return max(0, self.limits.max_cache_tokens - self.reserved_tokens)
 
-    def open(self, owner: int, start: int, end: int, max_length: int, dtype: str, cache: Any, now: float) -> Session:
+    def open(self, owner: int, caller: str, start: int, end: int, max_length: int, dtype: str, cache: Any, now: float) -> Session:
         lim = self.limits
         if max_length < 1 or max_length > lim.max_session_length:
             raise SessionError("too_long", f"max_length {max_length} is outside 1..{lim.max_session_length}")
         if len(self.sessions) >= lim.max_sessions:
             raise SessionError("overloaded", f"peer is full: {len(self.sessions)} sessions open")
-        if sum(1 for s in self.sessions.values() if s.owner == owner) >= lim.max_sessions_per_caller:
+        if sum(1 for s in self.sessions.values() if s.caller == caller) >= lim.max_sessions_per_caller:
             raise SessionError("too_many_sessions", f"at most {lim.max_sessions_per_caller} sessions per caller")
         if max_length > self.free_tokens:
             raise SessionError(
                 "overloaded", f"peer has cache for {self.free_tokens} more tokens, {max_length} asked"
             )
-        s = Session(next(self._ids), owner, start, end, max_length, dtype, cache, last_used=now)
+        s = Session(next(self._ids), owner, caller, start, end, max_length, dtype, cache, last_used=now)
         self.sessions[s.id] = s
         return s
 

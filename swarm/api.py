@@ -327,7 +327,7 @@ class ApiServer:
             )
         self = cls(config, client)
         # handler_cancellation: a client that goes away cancels its handler, which closes its chain
-        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, config.host, config.port)
         try:

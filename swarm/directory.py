@@ -15,6 +15,7 @@ from typing import Any
 
 from . import wire
 from .errors import NoRouteError, PeerUnavailable, ProtocolError, SwarmError
+from .identity import Identity
 from .transport import Connection
 
 log = logging.getLogger("swarm.directory")
@@ -62,7 +63,8 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 
 class Directory:
-    def __init__(self, model_hash: str, bootstrap: tuple[str, ...], mdns: bool = True, connect_timeout: float = 5.0, swarm_key: Any = None, refresh_s: float = 2.0) -> None:
+    def __init__(self, model_hash: str, bootstrap: tuple[str, ...], identity: Identity | None = None, mdns: bool = True, connect_timeout: float = 5.0, swarm_key: Any = None, refresh_s: float = 2.0) -> None:
+        self.identity = identity or Identity.generate()  # a client's key: it proves nothing but continuity
         self.model_hash = model_hash
         self.bootstrap = tuple(bootstrap)
         self.mdns = mdns
@@ -96,7 +98,7 @@ class Directory:
         for addr in view.addrs:
             host, port = split_addr(addr)
             try:
-                return await Connection.open(host, port, timeout=self.connect_timeout, peer=view.peer_id)
+                return await Connection.open(host, port, self.identity, view.peer_id, self.swarm_key, self.connect_timeout)
             except PeerUnavailable as e:
                 last = e
         raise PeerUnavailable(f"cannot reach {view.peer_id[:10]} at {', '.join(view.addrs)}: {last}", peer=view.peer_id)
@@ -115,7 +117,7 @@ class Directory:
 
     async def ask(self, addr: str) -> list[dict]:
         host, port = split_addr(addr)
-        conn = await Connection.open(host, port, timeout=self.connect_timeout)
+        conn = await Connection.open(host, port, self.identity, None, self.swarm_key, self.connect_timeout)
         try:
             reply = await conn.request(lambda rid: wire.GetInfo(rid), timeout=self.connect_timeout)
         finally:

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 
 from . import wire
 from .errors import PeerUnavailable, ProtocolError, RemoteError
+from .identity import Identity
+from .secure import SwarmKey, open_secure_connection
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +57,23 @@ class Connection:
         self._reader_task = asyncio.create_task(self._read_loop(), name=f"read {peer}")
 
     @classmethod
-    async def open(cls, host: str, port: int, timeout: float = 5.0, peer: str | None = None, **kw) -> "Connection":
-        label = peer or f"{host}:{port}"
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        except (OSError, asyncio.TimeoutError) as e:
-            raise PeerUnavailable(f"cannot connect to {host}:{port}: {e or 'timed out'}", peer=label) from None
-        return cls(reader, writer, label, **kw)
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        identity: Identity,
+        expected_peer_id: str | None = None,
+        swarm_key: SwarmKey | None = None,
+        timeout: float = 5.0,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+    ) -> "Connection":
+        """TLS 1.3 and the identity handshake (swarm.secure), then a request/response link.
+        With `expected_peer_id`, whoever answers with another key is refused before we send
+        it anything; without (a bootstrap address), we learn who answered."""
+        reader, writer, remote = await open_secure_connection(host, port, identity, expected_peer_id, swarm_key, timeout)
+        conn = cls(reader, writer, remote, max_frame=max_frame)
+        conn.remote_id = remote
+        return conn
 
     @property
     def closed(self) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,39 +65,107 @@ def test_two_clients_at_once_get_what_they_get_alone(tiny_model, local_swarm) ->
     assert alone_a != alone_b
 
 
-def _raw(addr: str) -> socket.socket:
+class RawLink:
+    """A caller that speaks TLS and the handshake, then writes whatever bytes it likes."""
+
+    def __init__(self, reader, writer) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, addr: str) -> "RawLink":
+        from swarm.identity import Identity
+        from swarm.secure import open_secure_connection
+
+        host, port = addr.rsplit(":", 1)
+        reader, writer, _ = await open_secure_connection(host, int(port), Identity.generate(), None)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self) -> wire.Message:
+        hdr = await asyncio.wait_for(self.reader.readexactly(4), 20)
+        body = await asyncio.wait_for(self.reader.readexactly(int.from_bytes(hdr, "big")), 20)
+        return wire.decode_body(body)
+
+    async def closed_by_peer(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.reader.read(1), 20) == b""
+        except (ConnectionError, OSError):
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _frame(obj) -> bytes:
+    import msgpack
+
+    body = msgpack.packb(obj)
+    return wire.HEADER.pack(len(body)) + body
+
+
+async def attack(addr: str, H: int) -> None:
+    """Garbage, truncated, oversized and wrongly typed frames against a live peer."""
+    s = await RawLink.open(addr)
+    # unknown message type: an error frame that names it; the connection stays usable
+    await s.send(_frame({"t": "launch_missiles", "id": 5}))
+    err = await s.recv()
+    assert isinstance(err, wire.Error) and "unknown message type" in err.message and err.id == 5
+    await s.send(wire.HEADER.pack(3) + b"\xc1\xc1\xc1")  # malformed msgpack
+    err = await s.recv()
+    assert isinstance(err, wire.Error) and "malformed" in err.message
+    await s.send(_frame({"t": "open", "id": 7, "start": "zero", "end": 2, "max_length": 8}))
+    err = await s.recv()
+    assert isinstance(err, wire.Error) and "open.start" in err.message and err.id == 7
+    await s.send(wire.encode(wire.Forward(8, session=999, position=0, hidden=torch.zeros(1, 1, H))))
+    assert (await s.recv()).code == "unknown_session"
+    # a real session, then wrong dtype, wrong shape, a position past its length, NaN, too long
+    await s.send(wire.encode(wire.OpenSession(9, start=0, end=6, max_length=8)))
+    opened = await s.recv()
+    assert isinstance(opened, wire.SessionOpened)
+    sid = opened.session
+    await s.send(wire.encode(wire.Forward(10, session=sid, position=0, hidden=torch.zeros(1, 1, H, dtype=torch.float16))))
+    assert (await s.recv()).code == "bad_dtype"
+    await s.send(wire.encode(wire.Forward(11, session=sid, position=0, hidden=torch.zeros(1, 1, H + 1))))
+    assert (await s.recv()).code == "bad_shape"
+    await s.send(wire.encode(wire.Forward(12, session=sid, position=3, hidden=torch.zeros(1, 1, H))))
+    err = await s.recv()
+    assert err.code == "bad_position" and "past the session's length" in err.message
+    await s.send(wire.encode(wire.Forward(13, session=sid, position=0, hidden=torch.full((1, 1, H), float("nan")))))
+    assert (await s.recv()).code == "non_finite"
+    await s.send(wire.encode(wire.Forward(14, session=sid, position=0, hidden=torch.zeros(1, 9, H))))
+    assert (await s.recv()).code == "too_long"
+    # a tensor whose bytes disagree with its shape
+    await s.send(_frame({"t": "forward", "id": 15, "session": sid, "position": 0, "hidden": {"dtype": "float32", "shape": [1, 1, H], "data": b"\0" * 10}}))
+    assert "do not match shape" in (await s.recv()).message
+    # and after all that, the same connection still serves a good step
+    await s.send(wire.encode(wire.Forward(16, session=sid, position=0, hidden=torch.zeros(1, 1, H))))
+    assert isinstance(await s.recv(), wire.ForwardResult)
+    s.close()
+    # an oversized frame announced (4 GiB): refused, connection closed
+    s = await RawLink.open(addr)
+    await s.send(wire.HEADER.pack(0xFFFFFFFF))
+    assert (await s.recv()).code == "frame_too_large"
+    assert await s.closed_by_peer()
+    s.close()
+    # a frame cut in the middle, then the caller goes away
+    s = await RawLink.open(addr)
+    await s.send(wire.HEADER.pack(1000) + b"\x00" * 10)
+    s.close()
+    # pure garbage inside TLS, and plain garbage without TLS
+    s = await RawLink.open(addr)
+    await s.send(os.urandom(4096))
+    s.close()
     host, port = addr.rsplit(":", 1)
-    s = socket.create_connection((host, int(port)), timeout=10)
-    return s
-
-
-def _recv_frame(s: socket.socket) -> wire.Message:
-    hdr = b""
-    while len(hdr) < 4:
-        chunk = s.recv(4 - len(hdr))
-        if not chunk:
-            raise ConnectionError("closed")
-        hdr += chunk
-    n = int.from_bytes(hdr, "big")
-    body = b""
-    while len(body) < n:
-        chunk = s.recv(n - len(body))
-        if not chunk:
-            raise ConnectionError("closed")
-        body += chunk
-    return wire.decode_body(body)
-
-
-def _closed(s: socket.socket) -> bool:
-    try:
-        return s.recv(1) == b""
-    except (ConnectionError, socket.timeout):
-        return True
+    r, w = await asyncio.open_connection(host, int(port))
+    w.write(os.urandom(4096))
+    assert await asyncio.wait_for(r.read(), 20) is not None
+    w.close()
 
 
 def test_bad_frames_get_errors_and_an_honest_session_is_unharmed(tiny_model, local_swarm) -> None:
-    import msgpack
-
     peers = start_chain(local_swarm(), tiny_model, [(0, 6)])
     addr = peers[0].addr
     ids = [1, 22, 33, 44]
@@ -106,68 +173,8 @@ def test_bad_frames_get_errors_and_an_honest_session_is_unharmed(tiny_model, loc
 
     async def honest_while_attacked():
         task = asyncio.create_task(_generate(str(tiny_model), [addr], ids, 16))
-        await asyncio.to_thread(attack)
+        await attack(addr, 64)
         return await task
-
-    def attack():
-        H = 64
-        # unknown message type: an error frame, the connection stays usable
-        s = _raw(addr)
-        s.sendall(wire.HEADER.pack(len(b := msgpack.packb({"t": "launch_missiles", "id": 5}))) + b)
-        err = _recv_frame(s)
-        assert isinstance(err, wire.Error) and "unknown message type" in err.message and err.id == 5
-        # malformed msgpack
-        s.sendall(wire.HEADER.pack(3) + b"\xc1\xc1\xc1")
-        err = _recv_frame(s)
-        assert isinstance(err, wire.Error) and "malformed" in err.message
-        # a wrongly typed field
-        s.sendall(wire.HEADER.pack(len(b := msgpack.packb({"t": "open", "id": 7, "start": "zero", "end": 2, "max_length": 8}))) + b)
-        err = _recv_frame(s)
-        assert isinstance(err, wire.Error) and "open.start" in err.message and err.id == 7
-        # unknown session
-        s.sendall(wire.encode(wire.Forward(8, session=999, position=0, hidden=torch.zeros(1, 1, H))))
-        err = _recv_frame(s)
-        assert isinstance(err, wire.Error) and err.code == "unknown_session"
-        # a real session, then wrong dtype, wrong shape, a position past its length, NaN
-        s.sendall(wire.encode(wire.OpenSession(9, start=0, end=6, max_length=8)))
-        opened = _recv_frame(s)
-        assert isinstance(opened, wire.SessionOpened)
-        sid = opened.session
-        s.sendall(wire.encode(wire.Forward(10, session=sid, position=0, hidden=torch.zeros(1, 1, H, dtype=torch.float16))))
-        assert _recv_frame(s).code == "bad_dtype"
-        s.sendall(wire.encode(wire.Forward(11, session=sid, position=0, hidden=torch.zeros(1, 1, H + 1))))
-        assert _recv_frame(s).code == "bad_shape"
-        s.sendall(wire.encode(wire.Forward(12, session=sid, position=3, hidden=torch.zeros(1, 1, H))))
-        err = _recv_frame(s)
-        assert err.code == "bad_position" and "past the session's length" in err.message
-        s.sendall(wire.encode(wire.Forward(13, session=sid, position=0, hidden=torch.full((1, 1, H), float("nan")))))
-        assert _recv_frame(s).code == "non_finite"
-        s.sendall(wire.encode(wire.Forward(14, session=sid, position=0, hidden=torch.zeros(1, 9, H))))
-        assert _recv_frame(s).code == "too_long"
-        # a tensor whose bytes disagree with its shape
-        bad = {"t": "forward", "id": 15, "session": sid, "position": 0, "hidden": {"dtype": "float32", "shape": [1, 1, H], "data": b"\0" * 10}}
-        s.sendall(wire.HEADER.pack(len(b := msgpack.packb(bad))) + b)
-        err = _recv_frame(s)
-        assert "do not match shape" in err.message
-        # and after all that, the same connection still serves a good step
-        s.sendall(wire.encode(wire.Forward(16, session=sid, position=0, hidden=torch.zeros(1, 1, H))))
-        assert isinstance(_recv_frame(s), wire.ForwardResult)
-        s.close()
-        # an oversized frame announced: refused, connection closed
-        s = _raw(addr)
-        s.sendall(wire.HEADER.pack(0xFFFFFFFF))
-        err = _recv_frame(s)
-        assert err.code == "frame_too_large"
-        assert _closed(s)
-        s.close()
-        # a frame cut in the middle, then the caller goes away
-        s = _raw(addr)
-        s.sendall(wire.HEADER.pack(1000) + b"\x00" * 10)
-        s.close()
-        # pure garbage
-        s = _raw(addr)
-        s.sendall(os.urandom(4096))
-        s.close()
 
     after = run(honest_while_attacked())
     assert after == before
