@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm import wire
-from swarm.blocks import BlockSpan, rewind
+from swarm.blocks import BlockSpan, parse_dtype, rewind
 from swarm.errors import ProtocolError, SwarmError
 from swarm.secure import SwarmKey, accept_secure, server_context
 from swarm.identity import Identity
 from swarm.manifest import Manifest
+from swarm.quant import check_mode, quantize_block, weight_bytes
 from swarm.transport import serve_frames
 
+from .membership import Membership, MembershipConfig
 from .sessions import Limits, SessionError, SessionTable
 
 log = logging.getLogger("swarm.peer")
@@ -43,7 +45,9 @@ class PeerConfig:
     frame_timeout: float = 10.0  # seconds a started frame may take to arrive (slow senders)
     torch_threads: int | None = None  # intra-op threads for compute; None keeps torch's choice
     announce_host: str | None = None  # address others should use, when host is 0.0.0.0
+    quant: str = "none"  # weights held as none (dtype), int8 or nf4 (swarm.quant); compute stays in dtype
     swarm_key: SwarmKey | None = None  # a private swarm's secret; None for the public swarm
+    membership: MembershipConfig = field(default_factory=MembershipConfig)  # gossip and mDNS
 
 
 class PeerServer:
@@ -62,13 +66,19 @@ class PeerServer:
         self._tasks: set[asyncio.Task] = set()
         self.port = config.port
         self.started = time.time()
+        self.membership: Membership | None = None
+        self.weight_bytes = weight_bytes(span.layers)  # quantized storage counted as stored
 
     @classmethod
     async def start(cls, manifest: Manifest, identity: Identity, config: PeerConfig, span: BlockSpan | None = None) -> "PeerServer":
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         if span is None:
-            span = await asyncio.to_thread(BlockSpan.load, manifest, config.start, config.end, config.dtype)
+            on_block = None
+            if check_mode(config.quant) != "none":
+                compute = parse_dtype(config.dtype)
+                on_block = lambda i, layer: quantize_block(layer, config.quant, compute)  # noqa: E731
+            span = await asyncio.to_thread(BlockSpan.load, manifest, config.start, config.end, config.dtype, on_block)
         self = cls(manifest, identity, config, span)
         await self._calibrate()
         self._server = await asyncio.start_server(
@@ -76,6 +86,8 @@ class PeerServer:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._spawn(self._expire_loop())
+        self.membership = Membership(identity, self.record_fields, config.membership, config.swarm_key)
+        await self.membership.start(self.port)
         return self
 
     @property
@@ -90,6 +102,9 @@ class PeerServer:
         return t
 
     async def close(self) -> None:
+        """Leave the swarm cleanly: a signed leave record first, so others drop us at once."""
+        if self.membership is not None:
+            await self.membership.leave()
         if self._server:
             self._server.close()
         for t in list(self._tasks):
@@ -109,22 +124,22 @@ class PeerServer:
 
     # --- the record others see -----------------------------------------------------------------
 
-    def own_record(self) -> dict:
+    def record_fields(self) -> dict:
+        """What our gossip record says now (Membership signs it with a fresh version)."""
+        blocks = self.span.end - self.span.start
         return {
-            "peer_id": self.identity.peer_id,
             "addrs": [self.address],
             "model": self.manifest.name,
             "model_hash": self.manifest.model_hash,
-            "num_blocks": self.manifest.num_blocks,
             "start": self.span.start,
             "end": self.span.end,
             "dtype": self.config.dtype,
             "quant": "none",
             "ms_per_block": self.ms_per_block,
-            "throughput": 1000.0 / (self.ms_per_block * (self.span.end - self.span.start)) if self.ms_per_block else 0.0,
+            "throughput": 1000.0 / (self.ms_per_block * blocks) if self.ms_per_block else 0.0,
             "free_cache": self.sessions.free_tokens,
             "sessions": len(self.sessions.sessions),
-            "version": int(time.time() * 1000),
+            "extra": {"num_blocks": self.manifest.num_blocks},
         }
 
     # --- connections ---------------------------------------------------------------------------
@@ -162,7 +177,14 @@ class PeerServer:
             if isinstance(msg, wire.Ping):
                 return wire.Pong(msg.id)
             if isinstance(msg, wire.GetInfo):
-                return wire.Info(msg.id, peer=self.own_record(), known=())
+                assert self.membership is not None
+                own = self.membership.table.get(self.identity.peer_id)
+                known = tuple(r.to_wire() for r in self.membership.known() if r.peer_id != self.identity.peer_id)
+                return wire.Info(msg.id, peer=own.to_wire() if own else {}, known=known)
+            if self.membership is not None:
+                reply = self.membership.handle(msg)
+                if reply is not None:
+                    return reply
             return wire.Error(msg.id, "unsupported", f"message type {msg.TYPE!r} is not served here")
         except SessionError as e:
             return wire.Error(msg.id, e.code, str(e))

@@ -51,6 +51,15 @@ def _parse_span(text: str) -> tuple[int, int] | None:
     return s, e
 
 
+def _size(text: str) -> int:
+    from peers.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _addr(text: str) -> str:
     from .directory import split_addr
 
@@ -104,6 +113,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 async def _join(args: argparse.Namespace) -> int:
     import torch
 
+    from peers.membership import MembershipConfig
     from peers.server import PeerConfig, PeerServer
     from peers.sessions import Limits
 
@@ -116,6 +126,18 @@ async def _join(args: argparse.Namespace) -> int:
     span = args.blocks or (0, manifest.num_blocks)
     if span[1] > manifest.num_blocks:
         raise SwarmError(f"--blocks {span[0]}:{span[1]} goes past the model's {manifest.num_blocks} blocks")
+    max_cache_tokens = args.max_cache_tokens
+    if args.max_memory is not None:  # quant: --max-memory sizes the span (auto) and the KV cache
+        from peers.memory import block_bytes, cache_tokens_for, plan_capacity
+
+        if args.blocks is None:
+            n, max_cache_tokens = plan_capacity(args.max_memory, manifest, args.dtype, args.quant, 0)
+            span = (0, n)
+        else:
+            left = args.max_memory - (span[1] - span[0]) * block_bytes(manifest.config, args.dtype, args.quant)
+            max_cache_tokens = cache_tokens_for(left, span[1] - span[0], manifest.config, args.dtype)
+            if max_cache_tokens < 1:
+                raise SwarmError(f"--max-memory does not hold blocks {span[0]}:{span[1]} as {args.dtype}/{args.quant}; use fewer blocks or --quant")
     if args.identity or args.port:
         identity = Identity.load_or_create(args.identity or default_identity_path(args.port))
     else:
@@ -128,10 +150,12 @@ async def _join(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         limits=Limits(
             max_sessions=args.max_sessions,
-            max_cache_tokens=args.max_cache_tokens,
+            max_cache_tokens=max_cache_tokens,
             idle_timeout=args.session_idle_timeout,
         ),
         torch_threads=args.threads,
+        quant=args.quant,
+        membership=MembershipConfig(bootstrap=tuple(args.peer), mdns=not args.no_mdns),
     )
     log.info("peer %s loading blocks %d:%d of %s", identity.short_id, span[0], span[1], manifest.name)
     server = await PeerServer.start(manifest, identity, config)
@@ -161,7 +185,8 @@ async def _generate(args: argparse.Namespace) -> int:
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     cfg = ClientConfig(
-        model=args.model, bootstrap=tuple(args.peer), discovery_timeout=args.discovery_timeout, torch_threads=args.threads
+        model=args.model, bootstrap=tuple(args.peer), mdns=not args.no_mdns, discovery_timeout=args.discovery_timeout,
+        torch_threads=args.threads,
     )
     async with await SwarmClient.connect(cfg) as client:
         ids = client.encode_prompt(args.prompt, chat=not args.no_chat)
@@ -215,7 +240,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     from .status import collect, render
 
-    snapshot = await collect(tuple(args.peer), timeout=args.discovery_timeout)
+    snapshot = await collect(tuple(args.peer), timeout=args.discovery_timeout, mdns=not args.no_mdns)
     if args.json:
         print(json.dumps(snapshot))
     else:
@@ -273,6 +298,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ns = argparse.Namespace(
             prompt=args.prompt, model=DEFAULT_MODEL, peer=swarm.addrs, max_new_tokens=args.max_new_tokens,
             temperature=0.0, top_k=0, top_p=1.0, seed=None, no_chat=False, json=False, discovery_timeout=30.0, threads=None,
+            no_mdns=True,
         )
         return asyncio.run(_generate(ns))
 
@@ -298,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")
     sp.add_argument("--identity", help="the peer's key file (default: one per port in ~/.config/swarm/keys)")
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--quant", default="none", choices=["none", "int8", "nf4"], help="hold the blocks in int8 or nf4 (bitsandbytes); compute stays in --dtype")
+    sp.add_argument("--max-memory", type=_size, default=None, metavar="SIZE", help="bytes for blocks + KV cache, e.g. 4GiB, 512MB; with --blocks auto it picks the span")
     sp.add_argument("--no-mdns", action="store_true", help="do not announce or browse on the LAN")
     sp.add_argument("--threads", type=int, default=None, help="torch threads for compute")
     sp.add_argument("--max-sessions", type=int, default=256)
@@ -317,12 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     sp.add_argument("--json", action="store_true", help="print one JSON object: tokens, text, route, timings")
     sp.add_argument("--discovery-timeout", type=float, default=10.0, help="seconds to wait for the swarm")
+    sp.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN")
     sp.add_argument("--threads", type=int, default=None, help="torch threads for the local head")
     sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("status", help="show the peers, their spans and block coverage")
     sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN")
     sp.add_argument("--discovery-timeout", type=float, default=3.0)
     sp.set_defaults(func=cmd_status)
 

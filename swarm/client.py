@@ -20,7 +20,7 @@ import torch
 from . import wire
 from .blocks import Head
 from .chain import Chain, FailoverEvent
-from .directory import Directory, PeerView
+from .directory import Directory
 from .errors import ConfigError, ModelError, NoRouteError, PeerUnavailable, SwarmError
 from .manifest import DEFAULT_MODEL, Manifest
 from .prepare import prepare

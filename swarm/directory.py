@@ -9,50 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import wire
 from .errors import NoRouteError, PeerUnavailable, ProtocolError, SwarmError
+from .gossip import PeerRecord
 from .identity import Identity
+from .mdns import Discovered, MdnsDiscovery
 from .transport import Connection
 
 log = logging.getLogger("swarm.directory")
-
-
-@dataclass(frozen=True)
-class PeerView:
-    peer_id: str
-    addrs: tuple[str, ...]
-    model_hash: str
-    start: int
-    end: int
-    ms_per_block: float
-    sessions: int
-    free_cache: int
-    dtype: str
-    quant: str
-    record: dict  # as received, for status
-
-    @classmethod
-    def from_record(cls, r: dict) -> "PeerView":
-        try:
-            return cls(
-                peer_id=str(r["peer_id"]),
-                addrs=tuple(str(a) for a in r["addrs"]),
-                model_hash=str(r["model_hash"]),
-                start=int(r["start"]),
-                end=int(r["end"]),
-                ms_per_block=float(r.get("ms_per_block", 0.0)),
-                sessions=int(r.get("sessions", 0)),
-                free_cache=int(r.get("free_cache", 0)),
-                dtype=str(r.get("dtype", "float32")),
-                quant=str(r.get("quant", "none")),
-                record=r,
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProtocolError(f"malformed peer record: {e}") from None
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -71,29 +40,47 @@ class Directory:
         self.connect_timeout = connect_timeout
         self.swarm_key = swarm_key
         self.refresh_s = refresh_s
-        self._peers: dict[str, PeerView] = {}
-        self._seen: dict[str, float] = {}
+        self._peers: dict[str, PeerRecord] = {}
+        self._lan: dict[str, str] = {}  # peer id -> "host:port" seen on mDNS
         self._task: asyncio.Task | None = None
+        self._mdns: MdnsDiscovery | None = None
         self._updated = asyncio.Event()
+        self.dropped = 0  # records that failed validation or their signature
 
     async def start(self) -> None:
+        if self.mdns:
+            try:
+                self._mdns = MdnsDiscovery(self.identity.peer_id, on_found=self._on_found)
+                await self._mdns.start(0, None)  # browse only: a client announces nothing
+            except Exception as e:
+                log.warning("mDNS unavailable (%s); pass --peer HOST:PORT", e)
+                self._mdns = None
         self._task = asyncio.create_task(self._refresh_loop())
 
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._mdns is not None:
+            try:
+                await asyncio.wait_for(self._mdns.stop(), 2.0)
+            except Exception:
+                pass
 
-    def peers(self) -> list[PeerView]:
+    def _on_found(self, d: Discovered) -> None:
+        self._lan[d.peer_id] = f"{d.host}:{d.port}"
+        self._updated.set()
+
+    def peers(self) -> list[PeerRecord]:
         return [p for p in self._peers.values() if p.model_hash == self.model_hash]
 
-    def all_peers(self) -> list[PeerView]:
+    def all_peers(self) -> list[PeerRecord]:
         return list(self._peers.values())
 
-    def get(self, peer_id: str) -> PeerView | None:
+    def get(self, peer_id: str) -> PeerRecord | None:
         return self._peers.get(peer_id)
 
-    async def dial(self, view: PeerView) -> Connection:
+    async def dial(self, view: PeerRecord) -> Connection:
         last: Exception | None = None
         for addr in view.addrs:
             host, port = split_addr(addr)
@@ -103,39 +90,54 @@ class Directory:
                 last = e
         raise PeerUnavailable(f"cannot reach {view.peer_id[:10]} at {', '.join(view.addrs)}: {last}", peer=view.peer_id)
 
-    def merge(self, records: list[dict]) -> None:
+    def _parse(self, records: list[dict], out: dict[str, PeerRecord]) -> None:
         for r in records:
             try:
-                v = PeerView.from_record(r)
+                rec = PeerRecord.from_wire(r)
             except ProtocolError as e:
+                self.dropped += 1
                 log.debug("dropped a record: %s", e)
                 continue
-            old = self._peers.get(v.peer_id)
-            if old is None or int(r.get("version", 0)) >= int(old.record.get("version", 0)):
-                self._peers[v.peer_id] = v
-        self._updated.set()
+            if rec.leaving or not rec.verify():
+                self.dropped += not rec.leaving
+                continue
+            old = out.get(rec.peer_id)
+            if old is None or rec.version > old.version:
+                out[rec.peer_id] = rec
 
-    async def ask(self, addr: str) -> list[dict]:
+    async def ask(self, addr: str, expected: str | None = None) -> list[dict]:
+        """A peer's own record and its table of live peers."""
         host, port = split_addr(addr)
-        conn = await Connection.open(host, port, self.identity, None, self.swarm_key, self.connect_timeout)
+        conn = await Connection.open(host, port, self.identity, expected, self.swarm_key, self.connect_timeout)
         try:
             reply = await conn.request(lambda rid: wire.GetInfo(rid), timeout=self.connect_timeout)
         finally:
             await conn.close()
-        assert isinstance(reply, wire.Info)
+        if not isinstance(reply, wire.Info):
+            raise ProtocolError(f"expected info, got {reply.TYPE}")
         return [reply.peer, *reply.known]
 
-    async def refresh(self) -> None:
-        addrs = list(self.bootstrap) + [a for p in self._peers.values() for a in p.addrs[:1]]
-        seen = set()
-        for addr in addrs:
-            if addr in seen:
+    async def refresh(self, fanout: int = 3) -> None:
+        """Ask a few peers for their tables; what none of them lists any more is gone."""
+        sources: list[tuple[str, str | None]] = [(a, None) for a in self.bootstrap]
+        sources += [(a, pid) for pid, a in self._lan.items()]
+        known = list(self._peers.values())
+        random.shuffle(known)
+        sources += [(p.addrs[0], p.peer_id) for p in known if p.addrs]
+        fresh: dict[str, PeerRecord] = {}
+        answered, seen = 0, set()
+        for addr, pid in sources:
+            if addr in seen or answered >= fanout:
                 continue
             seen.add(addr)
             try:
-                self.merge(await self.ask(addr))
+                self._parse(await self.ask(addr, pid), fresh)
+                answered += 1
             except (SwarmError, OSError, ValueError) as e:
                 log.debug("cannot ask %s: %s", addr, e)
+        if answered:
+            self._peers = fresh
+        self._updated.set()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -143,14 +145,23 @@ class Directory:
             await asyncio.sleep(self.refresh_s)
 
     async def settle(self, timeout: float) -> None:
-        """Wait until a refresh learns nothing new, or `timeout` passes (for status)."""
+        """Wait until two refreshes in a row see the same peers, or `timeout` passes (status)."""
         deadline = time.monotonic() + timeout
-        known = -1
-        while time.monotonic() < deadline and len(self._peers) != known:
-            known = len(self._peers)
+        prev: set[str] | None = None
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.bootstrap and not self._lan and not self._peers:
+                self._updated.clear()  # nothing to ask yet: wait for mDNS
+                try:
+                    await asyncio.wait_for(self._updated.wait(), min(0.25, left))
+                except asyncio.TimeoutError:
+                    pass
+                continue
             await self.refresh()
-            if self._peers and len(self._peers) == known:
-                break
+            ids = set(self._peers)
+            if ids and ids == prev:
+                return
+            prev = ids
+            await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def coverage(self, num_blocks: int) -> list[int]:
         cov = [0] * num_blocks

@@ -27,6 +27,8 @@ clock, opens a socket or touches asyncio. The asyncio driver feeds messages and 
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 import random
 from collections import Counter, deque
@@ -357,7 +359,9 @@ class GossipConfig:
     tombstone_ttl: float = 60.0  # s a removed/left peer's last version is remembered
     max_records_per_round: int = 64  # records in one message, whatever the swarm's size
     max_digest_entries: int = 256  # digest entries in one push; above it a rotating window
-    retransmit_mult: int = 4  # a fresh record is re-sent mult * ceil(log10(n + 1)) times
+    retransmit_mult: int = 3  # a fresh record is re-sent mult * ceil(log10(n + 1)) times
+    max_rumors: int = 256  # records being spread at once; past it the oldest rumor is dropped
+    # (digest comparison still delivers it): keeps a mass join from flooding every round
 
 
 @dataclass(frozen=True)
@@ -538,6 +542,8 @@ class GossipTable:
             except ProtocolError:
                 return MALFORMED
         elif isinstance(item, PeerRecord):
+            if item is self._records.get(item.peer_id):
+                return DUPLICATE  # the very object we hold (in-process simulators share them)
             rec = item
         else:
             return MALFORMED
@@ -614,6 +620,8 @@ class GossipTable:
         if self._sent.get(pid) is None:
             self._rumors.appendleft(pid)
         self._sent[pid] = 0
+        while len(self._rumors) > self.config.max_rumors:
+            del self._sent[self._rumors.pop()]
 
     def _transmit_limit(self) -> int:
         n = len(self._records) + 1
@@ -650,45 +658,61 @@ class GossipTable:
     def make_digest(self) -> Digest:
         """Our digest, or past max_digest_entries the next window of it (ids in sorted order,
         wrapping), so a full sweep takes ceil(n / max) rounds and a push never grows with n."""
-        full = self.digest()
         k = self.config.max_digest_entries
-        if len(full) <= k:
-            return Digest(full)
-        if self._sorted is None or len(self._sorted) != len(full):
-            self._sorted = sorted(full)
-        ids = self._sorted
+        if len(self._records) + len(self._tombs) <= k:
+            return Digest(self.digest())
+        ids = self._sorted_ids()
         c = self._cursor % len(ids)
         window = ids[c:c + k] + ids[: max(0, c + k - len(ids))]
         self._cursor = (c + k) % len(ids)
-        return Digest({pid: full[pid] for pid in window if pid in full}, window[0], window[-1])
+        return Digest({pid: self._digest_version(pid) for pid in window}, window[0], window[-1])
+
+    def _sorted_ids(self) -> list[str]:
+        if self._sorted is None:
+            self._sorted = sorted([*self._records, *self._tombs])
+        return self._sorted
+
+    def _digest_version(self, pid: str) -> int:
+        r = self._records.get(pid)
+        if r is not None:
+            return r.version
+        t = self._tombs[pid]
+        return t.version if t.record is not None else -t.version
 
     def on_digest(self, remote: Digest) -> tuple[list[PeerRecord], list[str]]:
         """Compare a remote digest with ours: (records the remote lacks or holds older, ids we
-        want from it). Both bounded by max_records_per_round."""
+        want from it), each bounded by max_records_per_round and most-behind first (versions are
+        millisecond clocks, so the gap is staleness; a missing peer counts as most behind), so
+        no peer's heartbeat is starved by ones that happen to sort first."""
         cap = self.config.max_records_per_round
-        send: list[PeerRecord] = []
-        want: list[str] = []
+        send: list[tuple[int, str]] = []
+        want: list[tuple[int, str]] = []
         seen = remote.versions
         for pid, dv in seen.items():
             mine = self._servable(pid)
-            held = self._held_rank(pid)
             rv = -dv if dv < 0 else dv
             if mine is not None and mine.version > rv:
-                if len(send) < cap:
-                    send.append(mine)
-            elif dv > 0 and (held is None or held[0] < dv) and pid != self.own:
-                if len(want) < cap:
-                    want.append(pid)
-        if len(send) < cap:
-            for pid in self._servable_ids():
-                if pid not in seen and remote.covers(pid):
-                    send.append(self._servable(pid))  # type: ignore[arg-type]
-                    if len(send) >= cap:
-                        break
-        return send, want
+                send.append((mine.version - rv, pid))
+            elif dv > 0 and pid != self.own:
+                held = self._held_rank(pid)
+                if held is None:
+                    want.append((MAX_VERSION, pid))
+                elif held[0] < dv:
+                    want.append((dv - held[0], pid))
+        for pid in self._ids_covered(remote):
+            if pid not in seen and self._servable(pid) is not None:
+                send.append((MAX_VERSION, pid))
+        top = heapq.nlargest(cap, send) if len(send) > cap else send
+        return ([self._servable(pid) for _, pid in top],  # type: ignore[misc]
+                [pid for _, pid in (heapq.nlargest(cap, want) if len(want) > cap else want)])
 
-    def _servable_ids(self) -> list[str]:
-        return list(self._records) + [p for p, t in self._tombs.items() if t.record is not None]
+    def _ids_covered(self, remote: Digest) -> Iterable[str]:
+        """Our ids inside the remote digest's range (a bisect of our sorted ids for a window)."""
+        if not remote.lo:
+            return list(self._records) + list(self._tombs)
+        ids = self._sorted_ids()
+        i, j = bisect.bisect_left(ids, remote.lo), bisect.bisect_right(ids, remote.hi)
+        return ids[i:j] if remote.lo <= remote.hi else ids[i:] + ids[:j]
 
     def records_for(self, ids: Iterable[str]) -> list[PeerRecord]:
         """The records we hold for `ids` (leaves included), at most max_records_per_round."""
@@ -703,20 +727,29 @@ class GossipTable:
 
     # ---- one exchange, as messages (the driver's view)
 
-    def make_push(self, request_id: int) -> GossipPush:
-        """Start an exchange with a peer: our digest (window) and the rumors we are spreading."""
-        d = self.make_digest()
-        recs = self.take_rumors(self.config.max_records_per_round)
-        return GossipPush(request_id, dict(d.versions), tuple(r.to_wire() for r in recs), d.lo, d.hi)
+    def push_contents(self) -> tuple[Digest, list[PeerRecord]]:
+        """What a push carries: our digest (window) and the rumors we are spreading."""
+        return self.make_digest(), self.take_rumors(self.config.max_records_per_round)
 
-    def on_push(self, push: GossipPush, now: float) -> tuple[GossipReply, MergeResult]:
-        """Answer a push: merge its records, then send what it lacks (topped up with rumors)
-        and ask for what we lack."""
-        result = self.merge(push.records, now)
-        send, want = self.on_digest(Digest(push.digest, push.lo, push.hi))
+    def answer(self, digest: Digest, records: Iterable[PeerRecord | dict],
+               now: float) -> tuple[list[PeerRecord], list[str], MergeResult]:
+        """The responder's side of an exchange: merge the pushed records, then (records the
+        initiator lacks, topped up with rumors; ids we want)."""
+        result = self.merge(records, now)
+        send, want = self.on_digest(digest)
         room = self.config.max_records_per_round - len(send)
         if room > 0:
             send += self.take_rumors(room, exclude={r.peer_id for r in send})
+        return send, want, result
+
+    def make_push(self, request_id: int) -> GossipPush:
+        """Start an exchange with a peer."""
+        d, recs = self.push_contents()
+        return GossipPush(request_id, dict(d.versions), tuple(r.to_wire() for r in recs), d.lo, d.hi)
+
+    def on_push(self, push: GossipPush, now: float) -> tuple[GossipReply, MergeResult]:
+        """Answer a push: merge its records, send what it lacks and ask for what we lack."""
+        send, want, result = self.answer(Digest(push.digest, push.lo, push.hi), push.records, now)
         return GossipReply(push.id, tuple(r.to_wire() for r in send), tuple(want)), result
 
     def on_reply(self, reply: GossipReply, now: float) -> tuple[MergeResult, GossipRecords | None]:

@@ -6,16 +6,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .directory import Directory, PeerView
+from .directory import Directory
+from .gossip import PeerRecord
 
 
-def snapshot(peers: list[PeerView], now_ms: float | None = None) -> dict[str, Any]:
+def snapshot(peers: list[PeerRecord], now_ms: float | None = None) -> dict[str, Any]:
     """The JSON shape of the swarm: peers and, per model, how many peers cover each block."""
     now_ms = now_ms if now_ms is not None else time.time() * 1000
     models: dict[str, dict[str, Any]] = {}
     rows = []
     for p in sorted(peers, key=lambda p: (p.model_hash, p.start, p.peer_id)):
-        r = p.record
+        r = p.to_wire()
         n_blocks = int(r.get("num_blocks", 0)) or p.end
         m = models.setdefault(p.model_hash, {"name": r.get("model", "?"), "model_hash": p.model_hash, "num_blocks": n_blocks, "coverage": []})
         m["num_blocks"] = max(m["num_blocks"], n_blocks, p.end)
@@ -47,8 +48,8 @@ def snapshot(peers: list[PeerView], now_ms: float | None = None) -> dict[str, An
     return {"peers": rows, "models": list(models.values())}
 
 
-async def collect(bootstrap: tuple[str, ...], timeout: float = 3.0) -> dict[str, Any]:
-    d = Directory("", bootstrap, mdns=not bootstrap)
+async def collect(bootstrap: tuple[str, ...], timeout: float = 3.0, mdns: bool = True) -> dict[str, Any]:
+    d = Directory("", bootstrap, mdns=mdns)
     await d.start()
     try:
         await d.settle(timeout)

@@ -1,8 +1,10 @@
 """Simulate the gossip core for N peers in one process: how fast tables agree, what a round costs.
 
-Every peer runs a real `GossipTable` with real Ed25519 records; messages are encoded with the real
-codec (`swarm.wire.encode`) to measure their size, then dropped (loss) or delivered after a delay
-of whole rounds. One round is one gossip interval (0.5 s of simulated time, so the table's
+Every peer runs a real `GossipTable` with real Ed25519 records, driven through the table's
+object-level exchange API (`push_contents`, `answer`, `merge`, `records_for`: what `make_push`,
+`on_push` and `on_reply` wrap). Each message's size is that of its real frame (`swarm.wire`
+encoding, records' msgpack included); it is then dropped (loss) or delivered after a delay of
+whole rounds. Records travel as objects, not re-parsed (the parser is covered by the tests). One round is one gossip interval (0.5 s of simulated time, so the table's
 timeouts in seconds apply unchanged); heartbeats bump each peer's version every 2 rounds (1 s).
 
 Two phases per size:
@@ -30,6 +32,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -101,6 +105,7 @@ class Sim:
     round: int = 0
     msg_id: int = 0
     false_removals: int = 0
+    rec_sizes: dict[tuple[str, int, bytes], int] = field(default_factory=dict)
 
     def add_peer(self, seeds: list[str], now: float) -> SimPeer:
         ident = Identity.generate()
@@ -113,11 +118,24 @@ class Sim:
     def live(self) -> list[SimPeer]:
         return [p for p in self.peers.values() if p.alive]
 
-    def send(self, src: SimPeer, kind: str, dst: str, msg: wire.Message) -> None:
-        src.sent_bytes += len(wire.encode(msg))
+    def send(self, src: SimPeer, kind: str, dst: str, payload: tuple, size: int) -> None:
+        src.sent_bytes += size
         if self.rng.random() < self.loss:
             return
-        self.queue[self.round + self.delay].append((kind, src.pid, dst, msg))
+        self.queue[self.round + self.delay].append((kind, src.pid, dst, payload))
+
+    def size(self, skeleton: wire.Message, records: list[PeerRecord]) -> int:
+        """Exact framed size of `skeleton` carrying `records`: msgpack encodes a list as a
+        header plus its items, so the records' cached encodings add up."""
+        n = len(wire.encode(skeleton)) - 1  # minus the empty list's 1-byte header
+        n += 1 if len(records) < 16 else 3
+        for r in records:
+            key = (r.peer_id, r.version, r.signature)
+            b = self.rec_sizes.get(key)
+            if b is None:
+                b = self.rec_sizes[key] = len(msgpack.packb(r.to_wire(), use_bin_type=True))
+            n += b
+        return n
 
     def step(self, heartbeats: bool) -> None:
         now = self.round * ROUND_S
@@ -130,34 +148,41 @@ class Sim:
         self.rng.shuffle(live)
         for p in live:
             targets = choose_gossip_targets(p.table, self.rng, self.fanout)
-            for s in p.seeds:  # bootstrap addresses (mDNS / --peer) until the table knows others
-                if len(targets) >= self.fanout:
-                    break
-                if s not in targets and s != p.pid:
+            for s in p.seeds:  # bootstrap addresses (mDNS / --peer): dial them until they answer;
+                # stopping once the table merely knows `fanout` others can leave an island that
+                # nobody outside knows about when the first push to the seed is lost
+                if s not in p.table and s not in targets and s != p.pid:
                     targets.append(s)
             for t in targets:
+                # the object-level API the message helpers wrap (make_push/on_push/on_reply):
+                # records travel as objects here, sizes are those of the real encoded frames
                 self.msg_id += 1
-                self.send(p, "push", t, p.table.make_push(self.msg_id))
+                d, recs = p.table.push_contents()
+                # the digest's bytes added to an empty push's (skipping the validation of a
+                # message we would only measure)
+                size = self.size(GossipPush(self.msg_id, {}, (), d.lo, d.hi), recs) - 1 + len(
+                    msgpack.packb(dict(d.versions), use_bin_type=True))
+                self.send(p, "push", t, (d, recs), size)
         events = self.queue.pop(self.round, [])
         i = 0
         while i < len(events):  # delay 0: replies land in this same round
-            kind, src, dst, msg = events[i]
+            kind, src, dst, payload = events[i]
             i += 1
             peer = self.peers[dst]
             if not peer.alive:
                 continue
             if kind == "push":
-                assert isinstance(msg, GossipPush)
-                reply, _ = peer.table.on_push(msg, now)
-                self.send(peer, "reply", src, reply)
+                d, recs = payload
+                send, want, _ = peer.table.answer(d, recs, now)
+                self.send(peer, "reply", src, (send, want), self.size(GossipReply(1, (), tuple(want)), send))
             elif kind == "reply":
-                assert isinstance(msg, GossipReply)
-                _, follow = peer.table.on_reply(msg, now)
-                if follow is not None:
-                    self.send(peer, "records", src, follow)
+                send, want = payload
+                peer.table.merge(send, now)
+                follow = peer.table.records_for(want)
+                if follow:
+                    self.send(peer, "records", src, (follow,), self.size(GossipRecords(0, ()), follow))
             else:
-                assert isinstance(msg, GossipRecords)
-                peer.table.on_records(msg, now)
+                peer.table.merge(payload[0], now)
             if self.delay == 0 and self.queue.get(self.round):
                 events.extend(self.queue.pop(self.round))
         for p in self.live():
@@ -244,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--delay", type=int, default=0, help="rounds each message takes to arrive")
     ap.add_argument("--churn", type=float, default=0.0,
                     help="fraction of live peers killed (and as many joined) per steady round")
-    ap.add_argument("--steady-rounds", type=int, default=30, help="rounds of the steady phase")
+    ap.add_argument("--steady-rounds", type=int, default=24, help="rounds of the steady phase")
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args(argv)
     cfg = GossipConfig()
