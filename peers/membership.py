@@ -54,6 +54,7 @@ class Membership:
         self._version = 0
         self._rng = random.Random()
         self._leaving = False
+        self._mdns_txt: dict[str, str] | None = None
 
     # --- our record ------------------------------------------------------------------------------
 
@@ -93,11 +94,13 @@ class Membership:
         self._spawn(self._gossip_loop())
         if self.config.mdns:
             try:
-                self._mdns = MdnsDiscovery(self.identity.peer_id, interfaces=self.config.mdns_interfaces, on_found=self._on_found)
+                mdns = MdnsDiscovery(self.identity.peer_id, interfaces=self.config.mdns_interfaces, on_found=self._on_found)
                 f = self.record_fields()
-                await self._mdns.start(port, make_txt(f["model_hash"], f["start"], f["end"]))
+                await mdns.start(port, make_txt(f["model_hash"], f["start"], f["end"]))
+                self._mdns_txt = make_txt(f["model_hash"], f["start"], f["end"])
+                self._mdns = mdns  # only now: the heartbeat must not update a half-registered name
             except Exception as e:  # no multicast here: --peer still works
-                log.warning("mDNS unavailable (%s); use --peer HOST:PORT to join", e)
+                log.warning("mDNS unavailable (%r); use --peer HOST:PORT to join", e)
                 self._mdns = None
 
     async def leave(self, timeout: float = 2.0) -> None:
@@ -131,10 +134,12 @@ class Membership:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
             self.heartbeat()
-            if self._mdns is not None:
-                f = self.record_fields()
+            f = self.record_fields()
+            txt = make_txt(f["model_hash"], f["start"], f["end"])
+            if self._mdns is not None and txt != self._mdns_txt:
                 try:
-                    await self._mdns.update(make_txt(f["model_hash"], f["start"], f["end"]))
+                    await self._mdns.update(txt)  # only when the span changes: not every beat
+                    self._mdns_txt = txt
                 except Exception as e:
                     log.debug("mDNS update failed: %s", e)
 

@@ -155,7 +155,7 @@ async def _join(args: argparse.Namespace) -> int:
         ),
         torch_threads=args.threads,
         quant=args.quant,
-        membership=MembershipConfig(bootstrap=tuple(args.peer), mdns=not args.no_mdns),
+        membership=MembershipConfig(bootstrap=tuple(args.peer), mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface),
     )
     log.info("peer %s loading blocks %d:%d of %s", identity.short_id, span[0], span[1], manifest.name)
     server = await PeerServer.start(manifest, identity, config)
@@ -185,7 +185,8 @@ async def _generate(args: argparse.Namespace) -> int:
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     cfg = ClientConfig(
-        model=args.model, bootstrap=tuple(args.peer), mdns=not args.no_mdns, discovery_timeout=args.discovery_timeout,
+        model=args.model, bootstrap=tuple(args.peer), mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface,
+        discovery_timeout=args.discovery_timeout,
         torch_threads=args.threads,
     )
     async with await SwarmClient.connect(cfg) as client:
@@ -240,7 +241,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     from .status import collect, render
 
-    snapshot = await collect(tuple(args.peer), timeout=args.discovery_timeout, mdns=not args.no_mdns)
+    snapshot = await collect(tuple(args.peer), timeout=args.discovery_timeout, mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface)
     if args.json:
         print(json.dumps(snapshot))
     else:
@@ -298,7 +299,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ns = argparse.Namespace(
             prompt=args.prompt, model=DEFAULT_MODEL, peer=swarm.addrs, max_new_tokens=args.max_new_tokens,
             temperature=0.0, top_k=0, top_p=1.0, seed=None, no_chat=False, json=False, discovery_timeout=30.0, threads=None,
-            no_mdns=True,
+            no_mdns=True, mdns_interface=None,
         )
         return asyncio.run(_generate(ns))
 
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quant", default="none", choices=["none", "int8", "nf4"], help="hold the blocks in int8 or nf4 (bitsandbytes); compute stays in --dtype")
     sp.add_argument("--max-memory", type=_size, default=None, metavar="SIZE", help="bytes for blocks + KV cache, e.g. 4GiB, 512MB; with --blocks auto it picks the span")
     sp.add_argument("--no-mdns", action="store_true", help="do not announce or browse on the LAN")
+    sp.add_argument("--mdns-interface", action="append", default=None, metavar="ADDR", help="IPv4 address of an interface for mDNS (repeatable; default all)")
     sp.add_argument("--threads", type=int, default=None, help="torch threads for compute")
     sp.add_argument("--max-sessions", type=int, default=256)
     sp.add_argument("--max-cache-tokens", type=int, default=65536, help="KV cache tokens reserved across sessions")
@@ -346,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print one JSON object: tokens, text, route, timings")
     sp.add_argument("--discovery-timeout", type=float, default=10.0, help="seconds to wait for the swarm")
     sp.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN")
+    sp.add_argument("--mdns-interface", action="append", default=None, metavar="ADDR", help="IPv4 address of an interface for mDNS (repeatable; default all)")
     sp.add_argument("--threads", type=int, default=None, help="torch threads for the local head")
     sp.set_defaults(func=cmd_generate)
 
@@ -353,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN")
+    sp.add_argument("--mdns-interface", action="append", default=None, metavar="ADDR", help="IPv4 address of an interface for mDNS (repeatable; default all)")
     sp.add_argument("--discovery-timeout", type=float, default=3.0)
     sp.set_defaults(func=cmd_status)
 
@@ -363,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $SWARM_API_KEY, else none)")
     sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")
     sp.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN")
+    sp.add_argument("--mdns-interface", action="append", default=None, metavar="ADDR", help="IPv4 address of an interface for mDNS (repeatable; default all)")
     sp.add_argument("--discovery-timeout", type=float, default=10.0, help="seconds a request waits for the swarm")
     sp.add_argument("--threads", type=int, default=None, help="torch threads for the local head")
     sp.set_defaults(func=cmd_api)

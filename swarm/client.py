@@ -36,6 +36,7 @@ class ClientConfig:
     model: str = DEFAULT_MODEL  # a model name or a local folder; prepared here on first use
     bootstrap: tuple[str, ...] = ()  # "host:port" of peers to ask for the table
     mdns: bool = True  # also look for peers on the LAN
+    mdns_interfaces: list[str] | None = None  # IPv4 addresses of interfaces for mDNS; None: all
     discovery_timeout: float = 10.0  # seconds to wait for a swarm that covers every block
     wire_dtype: str = "float32"  # dtype of hidden states on the wire
     connect_timeout: float = 5.0  # seconds for a TCP (and TLS) connection
@@ -93,7 +94,10 @@ class SwarmClient:
             manifest = await asyncio.to_thread(prepare, config.model)
         head = await asyncio.to_thread(Head.load, manifest)
         tokenizer = await asyncio.to_thread(_load_tokenizer, manifest)
-        directory = Directory(manifest.model_hash, config.bootstrap, mdns=config.mdns, connect_timeout=config.connect_timeout, swarm_key=config.swarm_key)
+        directory = Directory(
+            manifest.model_hash, config.bootstrap, mdns=config.mdns, connect_timeout=config.connect_timeout,
+            swarm_key=config.swarm_key, mdns_interfaces=config.mdns_interfaces,
+        )
         await directory.start()
         return cls(config, manifest, head, tokenizer, directory)
 

@@ -32,7 +32,8 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 
 class Directory:
-    def __init__(self, model_hash: str, bootstrap: tuple[str, ...], identity: Identity | None = None, mdns: bool = True, connect_timeout: float = 5.0, swarm_key: Any = None, refresh_s: float = 2.0) -> None:
+    def __init__(self, model_hash: str, bootstrap: tuple[str, ...], identity: Identity | None = None, mdns: bool = True, connect_timeout: float = 5.0, swarm_key: Any = None, refresh_s: float = 2.0, mdns_interfaces: list[str] | None = None) -> None:
+        self.mdns_interfaces = mdns_interfaces
         self.identity = identity or Identity.generate()  # a client's key: it proves nothing but continuity
         self.model_hash = model_hash
         self.bootstrap = tuple(bootstrap)
@@ -50,10 +51,10 @@ class Directory:
     async def start(self) -> None:
         if self.mdns:
             try:
-                self._mdns = MdnsDiscovery(self.identity.peer_id, on_found=self._on_found)
+                self._mdns = MdnsDiscovery(self.identity.peer_id, interfaces=self.mdns_interfaces, on_found=self._on_found)
                 await self._mdns.start(0, None)  # browse only: a client announces nothing
             except Exception as e:
-                log.warning("mDNS unavailable (%s); pass --peer HOST:PORT", e)
+                log.warning("mDNS unavailable (%r); pass --peer HOST:PORT", e)
                 self._mdns = None
         self._task = asyncio.create_task(self._refresh_loop())
 

@@ -128,6 +128,7 @@ def _nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
         # bitsandbytes repacks the weight for its AVX512-BF16 kernel on the first forward, through a
         # transient int32 copy 8x the packed size; do it now, while loading, not in a peer's first
         # answer, and before the freed memory is trimmed
+        q.eval()  # bitsandbytes packs only outside training mode
         with torch.inference_mode():
             q(torch.zeros(1, linear.in_features, dtype=compute_dtype))
     return q.eval()
