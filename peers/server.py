@@ -44,7 +44,7 @@ class PeerConfig:
     conn_idle_timeout: float = 600.0  # seconds a connection may stay silent between frames
     frame_timeout: float = 10.0  # seconds a started frame may take to arrive (slow senders)
     torch_threads: int | None = None  # intra-op threads for compute; None keeps torch's choice
-    announce_host: str | None = None  # address others should use, when host is 0.0.0.0
+    announce: str | None = None  # "host:port" others should dial (behind NAT, a proxy, or 0.0.0.0)
     quant: str = "none"  # weights held as none (dtype), int8 or nf4 (swarm.quant); compute stays in dtype
     swarm_key: SwarmKey | None = None  # a private swarm's secret; None for the public swarm
     membership: MembershipConfig = field(default_factory=MembershipConfig)  # gossip and mDNS
@@ -92,8 +92,7 @@ class PeerServer:
 
     @property
     def address(self) -> str:
-        host = self.config.announce_host or self.config.host
-        return f"{host}:{self.port}"
+        return self.config.announce or f"{self.config.host}:{self.port}"
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.create_task(coro)

@@ -59,6 +59,7 @@ class ChainHost:
     """What the chain needs from its client (an interface, so tests can drive it in memory)."""
 
     async def plan(self, start: int, end: int) -> Route: ...
+    async def refresh_rtts(self) -> None: ...
     async def connection(self, peer_id: str) -> Connection: ...
     def expected_ms(self, hop: Hop, rows: int) -> float: ...
     def observe(self, peer_id: str, rtt_ms: float) -> None: ...
@@ -79,8 +80,24 @@ class Chain:
     routes: list[list[dict]] = field(default_factory=list)  # each route used, for --json
 
     async def open(self, num_blocks: int) -> None:
-        route = await self.host.plan(0, num_blocks)
-        self.hops = [await self._open_hop(h) for h in route]
+        """Open a session on every hop of the best route. A peer that refuses (full, gone) is
+        banned for a while and the rest of the chain is routed again from where it failed."""
+        await self.host.refresh_rtts()
+        start = 0
+        while start < num_blocks:
+            route = await self.host.plan(start, num_blocks)
+            for hop in route:
+                try:
+                    self.hops.append(await self._open_hop(hop))
+                    start = hop.end
+                except (PeerUnavailable, RemoteError) as e:
+                    if len(self.failovers) >= self.max_failovers:
+                        raise SwarmError(f"gave up after {self.max_failovers} refused sessions; last error: {e}") from None
+                    code = getattr(e, "code", "unavailable")
+                    self.host.ban(hop.peer_id, 5.0 if code in _ROUTE_AROUND else 60.0)
+                    self.failovers.append(FailoverEvent(0, hop.peer_id, (hop.start, hop.end), str(e), [], 0.0))
+                    log.info("%s refused a session for blocks %d:%d: %s", hop.peer_id[:10], hop.start, hop.end, e)
+                    break
         self.routes.append([h.hop.to_json() for h in self.hops])
 
     async def close(self) -> None:

@@ -156,6 +156,7 @@ async def _join(args: argparse.Namespace) -> int:
         torch_threads=args.threads,
         quant=args.quant,
         membership=MembershipConfig(bootstrap=tuple(args.peer), mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface),
+        announce=args.announce,
     )
     log.info("peer %s loading blocks %d:%d of %s", identity.short_id, span[0], span[1], manifest.name)
     server = await PeerServer.start(manifest, identity, config)
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sp.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
     sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")
+    sp.add_argument("--announce", type=_addr, default=None, help="HOST:PORT others should dial, if not the listening address")
     sp.add_argument("--identity", help="the peer's key file (default: one per port in ~/.config/swarm/keys)")
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sp.add_argument("--quant", default="none", choices=["none", "int8", "nf4"], help="hold the blocks in int8 or nf4 (bitsandbytes); compute stays in --dtype")

@@ -85,6 +85,7 @@ class SwarmClient:
         self._conns: dict[str, Connection] = {}
         self._conn_locks: dict[str, asyncio.Lock] = {}
         self.last_route: list[dict] = []
+        self.active_chains: list[Chain] = []  # answers in progress (their open sessions)
 
     @classmethod
     async def connect(cls, config: ClientConfig, manifest: Manifest | None = None) -> "SwarmClient":
@@ -121,6 +122,23 @@ class SwarmClient:
             for p in self.directory.peers()
         ]
         return plan(candidates, self.rtt, start, end, time.monotonic())
+
+    async def refresh_rtts(self, pings: int = 3, max_peers: int = 16, timeout: float = 1.0) -> None:
+        """Ping the candidates before routing a new answer, so a peer whose latency changed
+        since we last used it is judged on today's figure (a few pings each, concurrently)."""
+        peers = sorted(self.directory.peers(), key=lambda p: self.rtt.estimate(p.peer_id))[:max_peers]
+
+        async def probe(peer_id: str) -> None:
+            try:
+                conn = await asyncio.wait_for(self.connection(peer_id), timeout * 2)
+                for _ in range(pings):
+                    t0 = time.perf_counter()
+                    await conn.request(lambda rid: wire.Ping(rid), timeout=timeout)
+                    self.rtt.observe(peer_id, (time.perf_counter() - t0) * 1000)
+            except (SwarmError, asyncio.TimeoutError):
+                pass  # routing will try it, or the ban list will keep it out
+
+        await asyncio.gather(*(probe(p.peer_id) for p in peers))
 
     async def connection(self, peer_id: str) -> Connection:
         conn = self._conns.get(peer_id)
@@ -185,6 +203,7 @@ class SwarmClient:
         on_failover: Callable[[FailoverEvent], None] | None = None,
         stats: dict | None = None,
         logits_out: list[torch.Tensor] | None = None,
+        before_step: Callable[[int], None] | None = None,
     ) -> AsyncIterator[int]:
         """Yield new token ids as they are produced. `stats` (a dict) receives the route and
         timings; `logits_out` (a list) receives each step's logits."""
@@ -199,10 +218,13 @@ class SwarmClient:
         tokens: list[int] = []
         t0 = time.perf_counter()
         t_first = None
+        self.active_chains.append(chain)
         try:
             await chain.open(self.manifest.num_blocks)
             ids = list(prompt_ids)
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
+                if before_step is not None:
+                    before_step(step)  # tests use it to kill a peer at a chosen step
                 try:
                     h = await chain.step(await asyncio.to_thread(self.head.embed_ids, ids))
                 except NoRouteError as e:
@@ -231,6 +253,7 @@ class SwarmClient:
                     decode_tokens_per_s=(n_decode / (t1 - t_first)) if t_first and n_decode else 0.0,
                     total_s=t1 - t0,
                 )
+            self.active_chains.remove(chain)
             await asyncio.shield(chain.close())
 
     async def generate(
