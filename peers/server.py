@@ -26,6 +26,7 @@ from swarm.manifest import Manifest
 from swarm.quant import check_mode, quantize_block, weight_bytes
 from swarm.transport import serve_frames
 
+from .gate import ConnectionGate, GateLimits
 from .membership import Membership, MembershipConfig
 from .sessions import Limits, SessionError, SessionTable
 
@@ -40,14 +41,16 @@ class PeerConfig:
     port: int = 0  # 0: any free port
     dtype: str = "float32"  # dtype of the weights and the compute
     limits: Limits = field(default_factory=Limits)
+    gate: GateLimits = field(default_factory=GateLimits)  # connections in all, per address, per second
     max_frame: int = wire.DEFAULT_MAX_FRAME  # largest frame accepted, bytes
-    conn_idle_timeout: float = 600.0  # seconds a connection may stay silent between frames
+    conn_idle_timeout: float = 120.0  # seconds a connection may stay silent between frames
     frame_timeout: float = 10.0  # seconds a started frame may take to arrive (slow senders)
     torch_threads: int | None = None  # intra-op threads for compute; None keeps torch's choice
     announce: str | None = None  # "host:port" others should dial (behind NAT, a proxy, or 0.0.0.0)
     quant: str = "none"  # weights held as none (dtype), int8 or nf4 (swarm.quant); compute stays in dtype
     swarm_key: SwarmKey | None = None  # a private swarm's secret; None for the public swarm
     membership: MembershipConfig = field(default_factory=MembershipConfig)  # gossip and mDNS
+    test_perturb: float = 0.0  # testing only: add this much relative noise to outputs (a liar)
 
 
 class PeerServer:
@@ -59,6 +62,7 @@ class PeerServer:
         self.config = config
         self.span = span
         self.sessions = SessionTable(config.limits)
+        self.gate = ConnectionGate(config.gate)
         self.ms_per_block = 0.0  # moving average of compute time per block per row
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._conn_ids = itertools.count(1)
@@ -145,11 +149,24 @@ class PeerServer:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = next(self._conn_ids)
-        try:
-            caller = await accept_secure(reader, writer, self.identity, self.config.swarm_key, self.config.frame_timeout)
-        except SwarmError as e:
-            log.info("refused a caller from %s: %s", writer.get_extra_info("peername"), e)
+        peername = writer.get_extra_info("peername")
+        address = str(peername[0]) if peername else "?"
+        refused = self.gate.admit(address, time.monotonic())
+        if refused is not None:
+            log.debug("refused a connection: %s", refused)
+            writer.close()
             return
+        try:
+            try:
+                caller = await accept_secure(reader, writer, self.identity, self.config.swarm_key, self.config.frame_timeout)
+            except SwarmError as e:
+                log.info("refused a caller from %s: %s", address, e)
+                return
+            await self._serve(conn, caller, reader, writer)
+        finally:
+            self.gate.release(address)
+
+    async def _serve(self, conn: int, caller: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await serve_frames(
                 reader,
@@ -235,6 +252,8 @@ class PeerServer:
         if position < s.length:
             rewind(s.cache, position)
         out = self.span.forward(h, position, s.cache, s.start, s.end)
+        if self.config.test_perturb:  # the test suite's lying peer, started with --test-perturb
+            out = out + self.config.test_perturb * out.norm() / out.numel() ** 0.5 * torch.randn_like(out)
         if not math.isfinite(float(out.float().abs().max())):
             raise SessionError("non_finite", "the blocks produced NaN or infinity")
         return out.to(wire.WIRE_DTYPES[s.dtype])

@@ -53,6 +53,8 @@ class ApiConfig:
     write_timeout: float = 30.0  # seconds a stalled HTTP reader may hold its sessions
     ping_interval: float = 5.0  # seconds between RTT probes of known peers, for the map
     torch_threads: int | None = None  # intra-op threads for the local head
+    mdns_interfaces: list[str] | None = None  # IPv4 addresses of interfaces for mDNS; None: all
+    swarm_key: Any = None  # a private swarm's secret (swarm.secure.SwarmKey), None for public
 
 
 # --- errors in OpenAI's shape ---------------------------------------------------------------------
@@ -323,7 +325,10 @@ class ApiServer:
             from .client import ClientConfig, SwarmClient
 
             client = await SwarmClient.connect(
-                ClientConfig(model=config.model, bootstrap=config.bootstrap, mdns=config.mdns, discovery_timeout=config.discovery_timeout, torch_threads=config.torch_threads)
+                ClientConfig(
+                    model=config.model, bootstrap=config.bootstrap, mdns=config.mdns, discovery_timeout=config.discovery_timeout,
+                    torch_threads=config.torch_threads, mdns_interfaces=config.mdns_interfaces, swarm_key=config.swarm_key,
+                )
             )
         self = cls(config, client)
         # handler_cancellation: a client that goes away cancels its handler, which closes its chain

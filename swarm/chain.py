@@ -21,11 +21,18 @@ from . import wire
 from .errors import NoRouteError, PeerUnavailable, RemoteError, SwarmError
 from .routing import Hop, Route
 from .transport import Connection
+from .verify import VerifyPolicy, arbitrate, judge, tolerance
 
 log = logging.getLogger("swarm.client")
 
 # errors after which the same peer may still be fine for others, but not for this step
 _ROUTE_AROUND = {"overloaded", "too_many_sessions", "busy"}
+LIED = "lied"  # the code of a peer caught returning wrong hidden states
+_BAN_S = {LIED: 24 * 3600.0}
+
+
+def _ban_seconds(code: str) -> float:
+    return 5.0 if code in _ROUTE_AROUND else _BAN_S.get(code, 60.0)
 
 
 @dataclass
@@ -64,6 +71,17 @@ class ChainHost:
     def expected_ms(self, hop: Hop, rows: int) -> float: ...
     def observe(self, peer_id: str, rtt_ms: float) -> None: ...
     def ban(self, peer_id: str, seconds: float) -> None: ...
+    def verifier_candidates(self, start: int, end: int, exclude: set[str]) -> list[Hop]: ...
+    def peer_format(self, peer_id: str) -> tuple[str, str]: ...
+
+
+@dataclass
+class Shadow:
+    """A second peer's session on the same span, fed only the steps that are checked (it
+    catches up on the rows it missed in one prefill)."""
+
+    live: LiveHop
+    synced: int = 0  # tokens in its cache
 
 
 @dataclass
@@ -78,6 +96,11 @@ class Chain:
     history: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # boundary -> rows sent
     failovers: list[FailoverEvent] = field(default_factory=list)
     routes: list[list[dict]] = field(default_factory=list)  # each route used, for --json
+    verify: VerifyPolicy | None = None  # which steps a second peer checks; None: none
+    on_verify: Callable[[dict], None] | None = None  # told of every mismatch
+    shadows: dict[tuple[int, int], Shadow] = field(default_factory=dict)
+    verifications: list[dict] = field(default_factory=list)  # one per checked hop, for --json
+    distrusted: set[str] = field(default_factory=set)  # caught lying: never used again here
 
     async def open(self, num_blocks: int) -> None:
         """Open a session on every hop of the best route. A peer that refuses (full, gone) is
@@ -94,20 +117,21 @@ class Chain:
                     if len(self.failovers) >= self.max_failovers:
                         raise SwarmError(f"gave up after {self.max_failovers} refused sessions; last error: {e}") from None
                     code = getattr(e, "code", "unavailable")
-                    self.host.ban(hop.peer_id, 5.0 if code in _ROUTE_AROUND else 60.0)
+                    self.host.ban(hop.peer_id, _ban_seconds(code))
                     self.failovers.append(FailoverEvent(0, hop.peer_id, (hop.start, hop.end), str(e), [], 0.0))
                     log.info("%s refused a session for blocks %d:%d: %s", hop.peer_id[:10], hop.start, hop.end, e)
                     break
         self.routes.append([h.hop.to_json() for h in self.hops])
 
     async def close(self) -> None:
-        for lh in self.hops:
+        for lh in [*self.hops, *(s.live for s in self.shadows.values())]:
             if not lh.conn.closed:
                 try:
                     await lh.conn.request(lambda rid, s=lh.session: wire.CloseSession(rid, session=s), timeout=2.0)
                 except SwarmError:
                     pass
         self.hops = []
+        self.shadows = {}
 
     async def _open_hop(self, hop: Hop) -> LiveHop:
         conn = await self.host.connection(hop.peer_id)
@@ -126,11 +150,15 @@ class Chain:
         """hidden [1, n, H]: the embeddings of the next n tokens -> their final hidden states."""
         x = hidden.to(wire.WIRE_DTYPES[self.wire_dtype])
         sent: list[tuple[int, torch.Tensor]] = []  # (boundary, rows sent there) for this step
+        check = self.verify is not None and self.verify.check_this_step()
         i = 0
         while i < len(self.hops):
             lh = self.hops[i]
             try:
                 y = await self._forward(lh, x, self.position)
+                if check and await self._verify_hop(lh, x, y) == lh.hop.peer_id:
+                    pid = lh.hop.peer_id
+                    raise RemoteError(f"{pid[:10]} returned wrong hidden states (caught by --verify)", code=LIED, peer=pid)
                 sent.append((lh.start, x))
                 x = y
                 i += 1
@@ -187,7 +215,7 @@ class Chain:
             if len(self.failovers) >= self.max_failovers:
                 raise SwarmError(f"gave up after {self.max_failovers} failovers in one answer; last error: {err}")
             code = getattr(err, "code", "unavailable")
-            self.host.ban(culprit, 5.0 if code in _ROUTE_AROUND else 60.0)
+            self.host.ban(culprit, _ban_seconds(code))
             self.failovers.append(FailoverEvent(p, culprit, (span_start, span_end), str(err), [], 0.0))
             log.info("dropping %s for blocks %d:%d: %s", culprit[:10], span_start, span_end, err)
             route = await self.host.plan(span_start, span_end)  # NoRouteError reaches the caller
@@ -217,6 +245,75 @@ class Chain:
         if self.on_event:
             self.on_event(ev)
         return y[:, p:], [(b, rows[:, p:]) for b, rows in sent]
+
+    # --- verification ---------------------------------------------------------------------------
+
+    async def _verify_hop(self, lh: LiveHop, x: torch.Tensor, y: torch.Tensor) -> str | None:
+        """Check hop `lh`'s output `y` for input `x` against a second peer. Returns the id of a
+        peer caught lying (the primary or the checker), or None."""
+        span, p, n = (lh.start, lh.end), self.position, x.shape[1]
+        primary = lh.hop.peer_id
+        shadow = self.shadows.get(span)
+        if shadow is None or shadow.live.conn.closed or shadow.live.hop.peer_id in self.distrusted:
+            shadow = await self._open_shadow(lh)
+            if shadow is None:
+                self.verifications.append({"position": p, "span": list(span), "primary": primary, "checker": None, "ok": None})
+                return None
+        checker = shadow.live.hop.peer_id
+        past = self._past(lh.start)
+        rows = x if shadow.synced >= p or past is None else torch.cat([past[:, shadow.synced : p], x], dim=1)
+        try:
+            z = (await self._forward(shadow.live, rows, min(shadow.synced, p)))[:, -n:]
+        except (PeerUnavailable, RemoteError):
+            self.shadows.pop(span, None)
+            return None
+        shadow.synced = p + n
+        fmt_p, fmt_c = self.host.peer_format(primary), self.host.peer_format(checker)
+        verdict = judge(y, z, tolerance(fmt_p, fmt_c))
+        record = {"position": p, "span": list(span), "primary": primary, "checker": checker,
+                  "distance": verdict.distance, "tolerance": verdict.tolerance, "ok": verdict.ok, "liar": None}
+        self.verifications.append(record)
+        if verdict.ok:
+            return None
+        # a third opinion from a fresh session that replays the whole span's past
+        full = x if past is None else torch.cat([past[:, :p], x], dim=1)
+        liar = None
+        for hop in self.host.verifier_candidates(lh.start, lh.end, {primary, checker} | self.distrusted)[:2]:
+            try:
+                third = await self._open_hop(hop)
+            except (PeerUnavailable, RemoteError):
+                continue
+            try:
+                w = (await self._forward(third, full, 0))[:, -n:]
+            except (PeerUnavailable, RemoteError):
+                continue
+            finally:
+                await self._close_quietly(third)
+            fmt_t = self.host.peer_format(hop.peer_id)
+            liar = arbitrate(primary, y, checker, z, w, tolerance(fmt_p, fmt_t), tolerance(fmt_c, fmt_t))
+            break
+        record["liar"] = liar
+        if self.on_verify:
+            self.on_verify(record)
+        log.warning("verification at position %d, blocks %d:%d: %s", p, lh.start, lh.end, verdict.describe(primary, checker))
+        if liar is not None:
+            self.distrusted.add(liar)
+            self.host.ban(liar, _ban_seconds(LIED))
+        if liar == checker:
+            self.shadows.pop(span, None)
+            await self._close_quietly(shadow.live)
+        return liar
+
+    async def _open_shadow(self, lh: LiveHop) -> Shadow | None:
+        exclude = {lh.hop.peer_id} | self.distrusted
+        for hop in self.host.verifier_candidates(lh.start, lh.end, exclude)[:3]:
+            try:
+                shadow = Shadow(await self._open_hop(hop))
+            except (PeerUnavailable, RemoteError):
+                continue
+            self.shadows[(lh.start, lh.end)] = shadow
+            return shadow
+        return None
 
     async def _close_quietly(self, lh: LiveHop) -> None:
         if lh.conn is None or lh.conn.closed:

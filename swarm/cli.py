@@ -60,6 +60,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _verify_rate(text: str) -> float:
+    from .verify import parse_verify
+
+    try:
+        return parse_verify(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _addr(text: str) -> str:
     from .directory import split_addr
 
@@ -68,6 +77,13 @@ def _addr(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _swarm_key(args: argparse.Namespace):
+    """--swarm-key FILE, else $SWARM_KEY_FILE or $SWARM_KEY; None: the public swarm."""
+    from .secure import swarm_key_from_env_or_file
+
+    return swarm_key_from_env_or_file(getattr(args, "swarm_key", None))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -157,6 +173,9 @@ async def _join(args: argparse.Namespace) -> int:
         quant=args.quant,
         membership=MembershipConfig(bootstrap=tuple(args.peer), mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface),
         announce=args.announce,
+        swarm_key=_swarm_key(args),
+        test_perturb=args.test_perturb,
+        frame_timeout=args.frame_timeout,
     )
     log.info("peer %s loading blocks %d:%d of %s", identity.short_id, span[0], span[1], manifest.name)
     server = await PeerServer.start(manifest, identity, config)
@@ -189,6 +208,8 @@ async def _generate(args: argparse.Namespace) -> int:
         model=args.model, bootstrap=tuple(args.peer), mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface,
         discovery_timeout=args.discovery_timeout,
         torch_threads=args.threads,
+        swarm_key=_swarm_key(args),
+        verify=args.verify,
     )
     async with await SwarmClient.connect(cfg) as client:
         ids = client.encode_prompt(args.prompt, chat=not args.no_chat)
@@ -210,8 +231,14 @@ async def _generate(args: argparse.Namespace) -> int:
             new = ", ".join(f"{p[:10]} [{s}:{e})" for p, s, e in ev.replaced_by)
             print(f"\n[swarm] peer {ev.dropped[:10]} dropped for blocks {ev.span[0]}:{ev.span[1]} ({ev.reason}); now {new}; resumed after {ev.stall_s:.2f}s", file=sys.stderr)
 
+        def on_verify(v: dict) -> None:
+            who = f"peer {v['liar'][:10]} lied and is dropped" if v["liar"] else "no third peer could say which is wrong"
+            print(f"\n[swarm] verification failed at token {v['position']} for blocks {v['span'][0]}:{v['span'][1]} "
+                  f"({v['primary'][:10]} vs {v['checker'][:10]}, distance {v['distance']:.2e} > {v['tolerance']:.0e}): {who}",
+                  file=sys.stderr)
+
         try:
-            result = await client.generate(ids, args.max_new_tokens, sampling, on_token=on_token, on_failover=on_failover)
+            result = await client.generate(ids, args.max_new_tokens, sampling, on_token=on_token, on_failover=on_failover, on_verify=on_verify)
         except NoRouteError as e:
             if args.json:
                 print(json.dumps({"error": str(e), "missing_blocks": e.missing, "tokens": e.tokens, "text": client.decode(e.tokens)}))
@@ -242,7 +269,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     from .status import collect, render
 
-    snapshot = await collect(tuple(args.peer), timeout=args.discovery_timeout, mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface)
+    snapshot = await collect(
+        tuple(args.peer), timeout=args.discovery_timeout, mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface,
+        swarm_key=_swarm_key(args),
+    )
     if args.json:
         print(json.dumps(snapshot))
     else:
@@ -265,7 +295,8 @@ async def _api(args: argparse.Namespace) -> int:
         log.warning("listening on %s without --api-key: anyone who can reach it can use the swarm through it", args.host)
     cfg = ApiConfig(
         model=args.model, host=args.host, port=args.port, api_key=key, bootstrap=tuple(args.peer), mdns=not args.no_mdns,
-        discovery_timeout=args.discovery_timeout, torch_threads=args.threads,
+        discovery_timeout=args.discovery_timeout, torch_threads=args.threads, mdns_interfaces=args.mdns_interface,
+        swarm_key=_swarm_key(args),
     )
     server = await ApiServer.start(cfg)
     log.info("serving %s at http://%s/v1 (the swarm map at http://%s/)", server.model_name, server.address, server.address)
@@ -300,7 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ns = argparse.Namespace(
             prompt=args.prompt, model=DEFAULT_MODEL, peer=swarm.addrs, max_new_tokens=args.max_new_tokens,
             temperature=0.0, top_k=0, top_p=1.0, seed=None, no_chat=False, json=False, discovery_timeout=30.0, threads=None,
-            no_mdns=True, mdns_interface=None,
+            no_mdns=True, mdns_interface=None, swarm_key=None, verify=0.0,
         )
         return asyncio.run(_generate(ns))
 
@@ -335,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-sessions", type=int, default=256)
     sp.add_argument("--max-cache-tokens", type=int, default=65536, help="KV cache tokens reserved across sessions")
     sp.add_argument("--session-idle-timeout", type=float, default=300.0, help="seconds before an idle session is freed")
+    sp.add_argument("--frame-timeout", type=float, default=10.0, help="seconds a started frame may take to arrive")
+    sp.add_argument("--test-perturb", type=float, default=0.0, help=argparse.SUPPRESS)  # testing: a lying peer
+    sp.add_argument("--swarm-key", metavar="FILE", default=None,
+                    help="a private swarm's shared secret (or $SWARM_KEY_FILE / $SWARM_KEY); default: the public swarm")
     sp.set_defaults(func=cmd_join)
 
     sp = sub.add_parser("generate", help="answer a prompt through the swarm")
@@ -352,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN")
     sp.add_argument("--mdns-interface", action="append", default=None, metavar="ADDR", help="IPv4 address of an interface for mDNS (repeatable; default all)")
     sp.add_argument("--threads", type=int, default=None, help="torch threads for the local head")
+    sp.add_argument("--verify", type=_verify_rate, default=0.0, metavar="FRACTION|all",
+                    help="have a second peer re-compute this fraction of steps and compare (e.g. 0.1, or all)")
+    sp.add_argument("--swarm-key", metavar="FILE", default=None,
+                    help="a private swarm's shared secret (or $SWARM_KEY_FILE / $SWARM_KEY); default: the public swarm")
     sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("status", help="show the peers, their spans and block coverage")
@@ -360,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN")
     sp.add_argument("--mdns-interface", action="append", default=None, metavar="ADDR", help="IPv4 address of an interface for mDNS (repeatable; default all)")
     sp.add_argument("--discovery-timeout", type=float, default=3.0)
+    sp.add_argument("--swarm-key", metavar="FILE", default=None,
+                    help="a private swarm's shared secret (or $SWARM_KEY_FILE / $SWARM_KEY); default: the public swarm")
     sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API and a live map of the swarm")
@@ -372,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mdns-interface", action="append", default=None, metavar="ADDR", help="IPv4 address of an interface for mDNS (repeatable; default all)")
     sp.add_argument("--discovery-timeout", type=float, default=10.0, help="seconds a request waits for the swarm")
     sp.add_argument("--threads", type=int, default=None, help="torch threads for the local head")
+    sp.add_argument("--swarm-key", metavar="FILE", default=None,
+                    help="a private swarm's shared secret (or $SWARM_KEY_FILE / $SWARM_KEY); default: the public swarm")
     sp.set_defaults(func=cmd_api)
 
     sp = sub.add_parser("demo", help="start a local 3-peer swarm and answer one prompt through it")

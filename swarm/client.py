@@ -26,6 +26,7 @@ from .manifest import DEFAULT_MODEL, Manifest
 from .prepare import prepare
 from .routing import Candidate, Hop, Route, RttTracker, plan
 from .sampling import SamplingConfig, sample
+from .verify import VerifyPolicy
 from .transport import Connection
 
 log = logging.getLogger("swarm.client")
@@ -43,6 +44,7 @@ class ClientConfig:
     max_failovers: int = 8  # replaced hops per answer before giving up
     torch_threads: int | None = None  # intra-op threads for the local head
     swarm_key: Any = None  # a private swarm's shared secret (swarm.secure), None for public
+    verify: float = 0.0  # fraction of steps a second peer re-computes and compares (1.0: all)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class GenerationResult:
     ttft_s: float
     decode_tokens_per_s: float
     total_s: float
+    verifications: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +67,12 @@ class GenerationResult:
             "route": self.routes[-1] if self.routes else [],
             "routes": self.routes,
             "failovers": [vars(e) for e in self.failovers],
+            "verification": {
+                "checked": sum(1 for v in self.verifications if v["ok"] is not None),
+                "mismatches": sum(1 for v in self.verifications if v["ok"] is False),
+                "unverifiable": sum(1 for v in self.verifications if v["ok"] is None),
+                "liars": sorted({v["liar"] for v in self.verifications if v.get("liar")}),
+            },
             "timings": {
                 "time_to_first_token_s": round(self.ttft_s, 4),
                 "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
@@ -163,6 +172,21 @@ class SwarmClient:
         # a prefill of many rows costs far less per row than single steps: count it as rows / 8
         return hop.rtt_ms + hop.compute_ms * max(1.0, rows / 8)
 
+    def verifier_candidates(self, start: int, end: int, exclude: set[str]) -> list[Hop]:
+        """Single peers that hold all of [start, end), cheapest first: who can check a hop."""
+        now = time.monotonic()
+        hops = []
+        for p in self.directory.peers():
+            if p.start <= start and end <= p.end and p.peer_id not in exclude and not self.rtt.is_banned(p.peer_id, now):
+                rtt = self.rtt.estimate(p.peer_id)
+                compute = p.ms_per_block * (end - start)
+                hops.append(Hop(p.peer_id, start, end, rtt, compute, rtt + compute))
+        return sorted(hops, key=lambda h: (h.cost, h.peer_id))
+
+    def peer_format(self, peer_id: str) -> tuple[str, str]:
+        rec = self.directory.get(peer_id)
+        return (rec.dtype, rec.quant) if rec is not None else ("float32", "none")
+
     def observe(self, peer_id: str, rtt_ms: float) -> None:
         self.rtt.observe(peer_id, rtt_ms)
 
@@ -204,6 +228,7 @@ class SwarmClient:
         stats: dict | None = None,
         logits_out: list[torch.Tensor] | None = None,
         before_step: Callable[[int], None] | None = None,
+        on_verify: Callable[[dict], None] | None = None,
     ) -> AsyncIterator[int]:
         """Yield new token ids as they are produced. `stats` (a dict) receives the route and
         timings; `logits_out` (a list) receives each step's logits."""
@@ -212,7 +237,12 @@ class SwarmClient:
         if max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be at least 1")
         await self.directory.wait_for_coverage(self.manifest.num_blocks, self.config.discovery_timeout)
-        chain = Chain(self, max_length=len(prompt_ids) + max_new_tokens, wire_dtype=self.config.wire_dtype, max_failovers=self.config.max_failovers, on_event=on_failover)
+        chain = Chain(
+            self, max_length=len(prompt_ids) + max_new_tokens, wire_dtype=self.config.wire_dtype,
+            max_failovers=self.config.max_failovers, on_event=on_failover,
+            verify=VerifyPolicy(self.config.verify, sampling.seed) if self.config.verify > 0 else None,
+            on_verify=on_verify,
+        )
         gen = sampling.generator()
         eos = self.eos_ids() if stop_at_eos else set()
         tokens: list[int] = []
@@ -247,6 +277,7 @@ class SwarmClient:
                 t1 = time.perf_counter()
                 n_decode = max(0, len(tokens) - 1)
                 stats.update(
+                    verifications=chain.verifications,
                     routes=chain.routes,
                     failovers=chain.failovers,
                     ttft_s=(t_first - t0) if t_first else 0.0,
@@ -265,11 +296,12 @@ class SwarmClient:
         stop_at_eos: bool = True,
         on_token: Callable[[int], None] | None = None,
         on_failover: Callable[[FailoverEvent], None] | None = None,
+        on_verify: Callable[[dict], None] | None = None,
     ) -> GenerationResult:
         ids = self.encode_prompt(prompt, chat) if isinstance(prompt, str) else list(prompt)
         stats: dict = {}
         tokens: list[int] = []
-        async for tok in self.stream(ids, max_new_tokens, sampling, stop_at_eos, on_failover, stats):
+        async for tok in self.stream(ids, max_new_tokens, sampling, stop_at_eos, on_failover, stats, on_verify=on_verify):
             tokens.append(tok)
             if on_token:
                 on_token(tok)
@@ -282,6 +314,7 @@ class SwarmClient:
             ttft_s=stats["ttft_s"],
             decode_tokens_per_s=stats["decode_tokens_per_s"],
             total_s=stats["total_s"],
+            verifications=stats.get("verifications", []),
         )
 
 

@@ -48,8 +48,8 @@ def snapshot(peers: list[PeerRecord], now_ms: float | None = None) -> dict[str, 
     return {"peers": rows, "models": list(models.values())}
 
 
-async def collect(bootstrap: tuple[str, ...], timeout: float = 3.0, mdns: bool = True, mdns_interfaces: list[str] | None = None) -> dict[str, Any]:
-    d = Directory("", bootstrap, mdns=mdns, mdns_interfaces=mdns_interfaces)
+async def collect(bootstrap: tuple[str, ...], timeout: float = 3.0, mdns: bool = True, mdns_interfaces: list[str] | None = None, swarm_key: Any = None) -> dict[str, Any]:
+    d = Directory("", bootstrap, mdns=mdns, mdns_interfaces=mdns_interfaces, swarm_key=swarm_key)
     await d.start()
     try:
         await d.settle(timeout)

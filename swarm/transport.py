@@ -163,10 +163,13 @@ async def serve_frames(
     try:
         while True:
             try:
-                header = await _bounded(reader.readexactly(wire.HEADER.size), idle_timeout, allow_eof=True)
-                if header is None:
+                # idle between frames for up to idle_timeout; once a frame starts, all of it must
+                # arrive within frame_timeout (a caller trickling bytes cannot hold the peer)
+                first = await _bounded(reader.readexactly(1), idle_timeout, allow_eof=True)
+                if first is None:
                     return
-                (n,) = wire.HEADER.unpack(header)
+                rest = await _bounded(reader.readexactly(wire.HEADER.size - 1), frame_timeout, allow_eof=False)
+                (n,) = wire.HEADER.unpack(first + rest)
                 if n > max_frame:
                     writer.write(wire.encode(wire.Error(0, "frame_too_large", f"frame of {n} bytes exceeds the limit of {max_frame} bytes")))
                     return
