@@ -29,6 +29,7 @@ from swarm.transport import serve_frames
 from .gate import ConnectionGate, GateLimits
 from .membership import Membership, MembershipConfig
 from .sessions import Limits, SessionError, SessionTable
+from .transfer import TransferService
 
 log = logging.getLogger("swarm.peer")
 
@@ -63,6 +64,7 @@ class PeerServer:
         self.span = span
         self.sessions = SessionTable(config.limits)
         self.gate = ConnectionGate(config.gate)
+        self.transfer = TransferService(lambda: self.manifest)  # block files for joining peers
         self.ms_per_block = 0.0  # moving average of compute time per block per row
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._conn_ids = itertools.count(1)
@@ -197,6 +199,9 @@ class PeerServer:
                 own = self.membership.table.get(self.identity.peer_id)
                 known = tuple(r.to_wire() for r in self.membership.known() if r.peer_id != self.identity.peer_id)
                 return wire.Info(msg.id, peer=own.to_wire() if own else {}, known=known)
+            reply = await self.transfer.handle(msg)  # GetManifest, GetChunk (peers/transfer.py)
+            if reply is not None:
+                return reply
             if self.membership is not None:
                 reply = self.membership.handle(msg)
                 if reply is not None:
@@ -218,6 +223,7 @@ class PeerServer:
         if msg.dtype not in wire.WIRE_DTYPES:
             raise SessionError("bad_dtype", f"dtype {msg.dtype!r} not allowed (allowed: {', '.join(wire.WIRE_DTYPES)})")
         s = self.sessions.open(conn, caller, msg.start, msg.end, msg.max_length, msg.dtype, self.span.new_cache(), time.monotonic())
+        s.span = self.span  # a session keeps its blocks until it closes, even if the peer moves
         return wire.SessionOpened(msg.id, session=s.id)
 
     async def _forward(self, conn: int, msg: wire.Forward) -> wire.Message:
@@ -251,7 +257,7 @@ class PeerServer:
     def _step(self, s, position: int, h: torch.Tensor) -> torch.Tensor:
         if position < s.length:
             rewind(s.cache, position)
-        out = self.span.forward(h, position, s.cache, s.start, s.end)
+        out = (s.span or self.span).forward(h, position, s.cache, s.start, s.end)
         if self.config.test_perturb:  # the test suite's lying peer, started with --test-perturb
             out = out + self.config.test_perturb * out.norm() / out.numel() ** 0.5 * torch.randn_like(out)
         if not math.isfinite(float(out.float().abs().max())):

@@ -45,6 +45,7 @@ class Session:
     length: int = 0  # tokens in the cache
     last_used: float = 0.0
     busy: bool = False
+    span: Any = None  # the BlockSpan it runs on: the old one after the peer moves, until it closes
 
 
 @dataclass

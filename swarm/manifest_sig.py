@@ -37,8 +37,8 @@ class ManifestSignature:
     @classmethod
     def from_json(cls, obj: object) -> "ManifestSignature":
         try:
-            assert_map = obj if isinstance(obj, dict) else {}
-            return cls(signer=str(assert_map["signer"]), signature=bytes.fromhex(str(assert_map["signature"])))
+            m = obj if isinstance(obj, dict) else {}
+            return cls(signer=str(m["signer"]), signature=bytes.fromhex(str(m["signature"])))
         except (KeyError, ValueError) as e:
             raise ModelError(f"{SIG_FILE} is malformed ({e})") from None
 

