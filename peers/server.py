@@ -139,12 +139,12 @@ class PeerServer:
             "start": self.span.start,
             "end": self.span.end,
             "dtype": self.config.dtype,
-            "quant": "none",
+            "quant": self.config.quant,
             "ms_per_block": self.ms_per_block,
             "throughput": 1000.0 / (self.ms_per_block * blocks) if self.ms_per_block else 0.0,
             "free_cache": self.sessions.free_tokens,
             "sessions": len(self.sessions.sessions),
-            "extra": {"num_blocks": self.manifest.num_blocks},
+            "extra": {"num_blocks": self.manifest.num_blocks, "weight_bytes": self.weight_bytes},
         }
 
     # --- connections ---------------------------------------------------------------------------
