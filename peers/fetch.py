@@ -118,7 +118,7 @@ class Fetcher:
             async with asyncio.TaskGroup() as tg:
                 for i, e in enumerate(todo):
                     tg.create_task(one(i, e))
-        except* FetchError as eg:
+        except ExceptionGroup as eg:  # one file's failure ends the fetch: report it plainly
             raise eg.exceptions[0] from None
         finally:
             if self._bar is not None:

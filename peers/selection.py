@@ -10,9 +10,11 @@ its measured throughput). Rules:
   throughputs, makes a window inside one weak span beat a window straddling it and a stronger one.
 * `should_move` (hysteresis, so peers do not flap): a move happens only when some block is
   uncovered, and only by a peer whose every block has at least `min_replicas` (2) replicas, so
-  leaving creates no new gap. Of all such peers exactly one moves per decision: the one with the
-  least throughput, then the smallest id. Every peer computes the same answer from the same
-  table, so two replicas of one span never leave together. The driver (peers/rebalance.py) also
+  leaving creates no new gap. Such peers are ranked by least throughput, then smallest id; every
+  peer computes the same ranking from the same table, and the peer of rank k moves only once the
+  gap is `k * patience` seconds old. So the first moves at once and alone (two replicas of one
+  span never leave together), and if it cannot move (a peer pinned with --blocks S:E, or one dead
+  but not yet suspected) the next takes over a little later. The driver (peers/rebalance.py) also
   requires the answer twice in a row and waits out a cool-down after each move.
 """
 
@@ -90,13 +92,16 @@ def movers(held: list[Holding], n_blocks: int, min_replicas: int = 2) -> list[Ho
     return sorted(ok, key=lambda h: (h.throughput, h.peer_id))
 
 
-def should_move(held: list[Holding], me: str, n_blocks: int, n: int, min_replicas: int = 2) -> tuple[int, int] | None:
-    """The span peer `me` should move to now, or None to stay. `held` includes our own holding."""
+def should_move(
+    held: list[Holding], me: str, n_blocks: int, n: int, gap_age: float = 0.0, patience: float = 5.0, min_replicas: int = 2
+) -> tuple[int, int] | None:
+    """The span peer `me` should move to now, or None to stay. `held` includes our own holding;
+    `gap_age` is how long (seconds) some block has been uncovered, as we saw it."""
     cov = coverage(held, n_blocks)
     if all(cov):
         return None
-    eligible = movers(held, n_blocks, min_replicas)
-    if not eligible or eligible[0].peer_id != me:
+    rank = next((i for i, h in enumerate(movers(held, n_blocks, min_replicas)) if h.peer_id == me), None)
+    if rank is None or gap_age < rank * patience:
         return None
     others = [h for h in held if h.peer_id != me]
     target = choose_span(others, n_blocks, n)

@@ -138,17 +138,21 @@ async def _join(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    manifest = await asyncio.to_thread(prepare, args.model, _progress_printer())
-    span = args.blocks or (0, manifest.num_blocks)
-    if span[1] > manifest.num_blocks:
-        raise SwarmError(f"--blocks {span[0]}:{span[1]} goes past the model's {manifest.num_blocks} blocks")
+    from peers.join import JoinOptions, plan_join
+
+    # the model (prepared here, or learned and fetched from the swarm), the span, its weights
+    plan = await plan_join(JoinOptions(
+        model=args.model, blocks=args.blocks, max_blocks=args.max_blocks, max_memory=args.max_memory, dtype=args.dtype,
+        quant=args.quant, bootstrap=tuple(args.peer), mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface,
+        discovery_timeout=args.discovery_timeout, swarm_key=_swarm_key(args),
+    ), _progress_printer())
+    manifest, span = plan.manifest, plan.span
     max_cache_tokens = args.max_cache_tokens
     if args.max_memory is not None:  # quant: --max-memory sizes the span (auto) and the KV cache
         from peers.memory import block_bytes, cache_tokens_for, plan_capacity
 
-        if args.blocks is None:
-            n, max_cache_tokens = plan_capacity(args.max_memory, manifest, args.dtype, args.quant, 0)
-            span = (0, n)
+        if args.blocks is None and args.max_blocks is None:  # plan_join chose a span of plan_capacity's size
+            _, max_cache_tokens = plan_capacity(args.max_memory, manifest, args.dtype, args.quant, 0)
         else:
             left = args.max_memory - (span[1] - span[0]) * block_bytes(manifest.config, args.dtype, args.quant)
             max_cache_tokens = cache_tokens_for(left, span[1] - span[0], manifest.config, args.dtype)
@@ -181,6 +185,12 @@ async def _join(args: argparse.Namespace) -> int:
     server = await PeerServer.start(manifest, identity, config)
     log.info("peer %s serving blocks %d:%d on %s (%.2f ms/block)", identity.short_id, span[0], span[1], server.address, server.ms_per_block)
     print(f"READY {server.address} {identity.peer_id}", flush=True)
+    rebalancer = None
+    if args.blocks is None:  # auto: move to uncovered blocks when the swarm needs it (peers/rebalance.py)
+        from peers.rebalance import RebalanceConfig, Rebalancer
+
+        rebalancer = Rebalancer(server, RebalanceConfig(budget=plan.budget, check_s=args.rebalance_interval), swarm_key=_swarm_key(args))
+        rebalancer.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -188,6 +198,8 @@ async def _join(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("peer %s leaving", identity.short_id)
+    if rebalancer is not None:
+        await rebalancer.close()
     await server.close()
     return 0
 
@@ -350,8 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_prepare)
 
     sp = sub.add_parser("join", help="serve a span of blocks to the swarm")
-    sp.add_argument("--model", default=DEFAULT_MODEL)
-    sp.add_argument("--blocks", type=_parse_span, default=None, help="S:E, the blocks to serve (default: all)")
+    sp.add_argument("--model", default=None, help=f"a local model folder or a model name (default: the swarm's model, else {DEFAULT_MODEL}); a name not prepared here is fetched from the swarm")
+    sp.add_argument("--blocks", type=_parse_span, default=None, help="S:E pins the blocks to serve; auto (default) takes the blocks the swarm needs most and moves when a span is left uncovered")
+    sp.add_argument("--max-blocks", type=int, default=None, metavar="N", help="with --blocks auto: serve at most N blocks")
+    sp.add_argument("--discovery-timeout", type=float, default=5.0, help="seconds to wait for the swarm's table before choosing blocks")
+    sp.add_argument("--rebalance-interval", type=float, default=2.0, help=argparse.SUPPRESS)  # seconds between move checks
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sp.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
     sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")

@@ -352,10 +352,15 @@ class GossipRecords(Message):
 
 @dataclass(frozen=True)
 class GossipConfig:
-    """Timings assume heartbeats (version bumps) every ~1 s and a gossip round every ~0.5 s."""
+    """Timings for a swarm small enough that every table can take in every peer's heartbeat
+    (heartbeats every `heartbeat_s`, a gossip round every `round_s`); larger swarms stretch the
+    heartbeat and both timeouts by `GossipTable.scale()` (see there)."""
 
     suspect_after: float = 3.0  # s without a new version before a peer is flagged (3 heartbeats)
     dead_after: float = 6.0  # s without a new version before it is removed: gone everywhere < 10 s
+    heartbeat_s: float = 1.0  # base period of our version bumps (the driver's, before scaling)
+    round_s: float = 0.5  # the driver's gossip round period
+    fanout: int = 2  # exchanges the driver starts per round
     tombstone_ttl: float = 60.0  # s a removed/left peer's last version is remembered
     max_records_per_round: int = 64  # records in one message, whatever the swarm's size
     max_digest_entries: int = 256  # digest entries in one push; above it a rotating window
@@ -464,16 +469,53 @@ class GossipTable:
     def last_news(self, peer_id: str) -> float | None:
         return self._last_news.get(peer_id)
 
+    # ---- timing, scaled with the swarm's size
+
+    def capacity(self) -> float:
+        """Fresh records per second one peer can surely take in: the replies to its own pushes,
+        `fanout` per round, each at most `max_records_per_round` records. (Answers to the pushes
+        it receives and the one-way `GossipRecords` double that in practice; that half is left as
+        headroom for loss and for the same new version arriving by several exchanges at once.)
+        With the defaults: 2 * 64 / 0.5 s = 256 records/s."""
+        c = self.config
+        return c.fanout * c.max_records_per_round / c.round_s
+
+    def scale(self) -> float:
+        """max(1, n / capacity) for the n peers this table lists (ours included). Each table must
+        see every peer's version grow within `suspect_after`; n peers beating every
+        `heartbeat_s` produce n / heartbeat_s fresh records per second, more than a table can
+        take in once n > capacity * heartbeat_s. So past that, heartbeats slow down and the
+        timeouts stretch by the same factor: per-peer traffic stays ~capacity records/s whatever
+        n, and each peer is still expected to beat suspect_after / heartbeat_s times before it
+        is suspected. Up to `capacity` peers (256 with the defaults) nothing changes. Tables of
+        one swarm list about the same n, so they agree on the factor; a joiner's table fills
+        within a few rounds (unknown peers are pulled first)."""
+        return max(1.0, len(self._records) / self.capacity())
+
+    def heartbeat_interval(self, base: float | None = None) -> float:
+        """Seconds between our version bumps: `base` (default `config.heartbeat_s`) times
+        `scale()`. The driver asks again before every beat, so it follows the swarm's size."""
+        return (self.config.heartbeat_s if base is None else base) * self.scale()
+
+    def suspect_timeout(self) -> float:
+        """Seconds without a new version before a peer is suspected: suspect_after * scale()."""
+        return self.config.suspect_after * self.scale()
+
+    def dead_timeout(self) -> float:
+        """Seconds without a new version before a peer is removed: dead_after * scale()."""
+        return self.config.dead_after * self.scale()
+
     def is_suspected(self, peer_id: str, now: float) -> bool:
         if peer_id == self.own or peer_id not in self._records:
             return False
-        return now - self._last_news[peer_id] >= self.config.suspect_after
+        return now - self._last_news[peer_id] >= self.suspect_timeout()
 
     def alive(self, now: float) -> list[PeerRecord]:
         """Records routing may use: listed, not suspected, not leaving."""
+        suspect = self.suspect_timeout()
         return [
             r for pid, r in self._records.items()
-            if not r.leaving and (pid == self.own or now - self._last_news[pid] < self.config.suspect_after)
+            if not r.leaving and (pid == self.own or now - self._last_news[pid] < suspect)
         ]
 
     def coverage(self, model_hash: str, n_blocks: int, now: float | None = None) -> list[int]:
@@ -593,19 +635,21 @@ class GossipTable:
         self._sorted = None
 
     def expire(self, now: float) -> ExpireResult:
-        """Suspect peers silent for suspect_after, remove (and tombstone) those silent for
-        dead_after, forget tombstones past their time. Call it every round."""
+        """Suspect peers silent for suspect_timeout(), remove (and tombstone) those silent for
+        dead_timeout() (both scaled with the table's size, fixed for this call), forget
+        tombstones past their time. Call it every round."""
         suspected, removed = [], []
+        suspect, dead = self.suspect_timeout(), self.dead_timeout()
         for pid in list(self._records):
             if pid == self.own:
                 continue
             silent = now - self._last_news[pid]
-            if silent >= self.config.dead_after:
+            if silent >= dead:
                 rec = self._records[pid]
                 self._forget(pid)
                 self._tombs[pid] = Tombstone(rec.version, now + self.config.tombstone_ttl, None)
                 removed.append(pid)
-            elif silent >= self.config.suspect_after and pid not in self._suspected:
+            elif silent >= suspect and pid not in self._suspected:
                 self._suspected.add(pid)
                 suspected.append(pid)
         for pid in [p for p, t in self._tombs.items() if t.until <= now]:
