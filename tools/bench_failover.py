@@ -89,10 +89,11 @@ class Swarm6:
         slot.proc = self.local.start(self._args(slot.span, random.choice(live) if live else None), name="restarted")
         self.restarts += 1
 
-    def spare_victims(self) -> list[Slot]:
-        """Live slots whose span has another live replica: killing one leaves the span served."""
+    def spare_victims(self, usable: set[str] | None = None) -> list[Slot]:
+        """Live slots whose span has another live replica (one in `usable` too, when given: the
+        peers the client knows and has not banned): killing one leaves the span served."""
         alive = [s for s in self.slots if s.proc.alive()]
-        return [s for s in alive if sum(1 for o in alive if o.span == s.span) >= 2]
+        return [s for s in alive if any(o is not s and o.span == s.span and (usable is None or o.proc.peer_id in usable) for o in alive)]
 
 
 async def wait_for_view(client, want: set[str], timeout: float = 30.0) -> bool:
@@ -167,7 +168,7 @@ async def gen_loop(client, ids: list[int], ref: list[int], n: int, seconds: floa
     t0 = time.perf_counter()
     tokens = answers = failed = equal = 0
     events: list = []
-    errors: list[str] = []
+    errors: list[list] = []  # [t, text, error, count]
 
     def on_failover(ev) -> None:
         events.append((time.perf_counter() - t0, ev))
@@ -181,8 +182,16 @@ async def gen_loop(client, ids: list[int], ref: list[int], n: int, seconds: floa
             equal += got == ref
         except SwarmError as e:
             failed += 1
-            errors.append((time.perf_counter() - t0, f"an answer failed after {len(got)} tokens: {type(e).__name__}: {str(e)[:160]}; "
-                          f"client's view then: {describe_view(client)}"))
+            text = f"{type(e).__name__}: {str(e)[:160]}"
+            if errors and errors[-1][2] == text and not got:  # the same failure again: count it
+                errors[-1][3] += 1
+                errors[-1][1] = errors[-1][1].split(" [", 1)[0] + f" [x{errors[-1][3]} until t={time.perf_counter() - t0:.1f}s]"
+                await asyncio.sleep(0.2)
+                tokens += len(got)
+                continue
+            errors.append([time.perf_counter() - t0, f"an answer failed after {len(got)} tokens: {type(e).__name__}: {str(e)[:160]}; "
+                          f"client's view then: {describe_view(client)}", text, 1])
+            await asyncio.sleep(0.2)  # a real caller would back off too; no hot loop
         tokens += len(got)
     elapsed = time.perf_counter() - t0
     if stop is not None:
@@ -200,7 +209,12 @@ def describe_view(client) -> str:
     return "; ".join(parts)
 
 
-async def chaos_killer(sw: Swarm6, every: float, stop: asyncio.Event, rng: random.Random, log: list) -> None:
+def usable_peers(client) -> set[str]:
+    now = time.monotonic()
+    return {p.peer_id for p in client.directory.peers() if not client.rtt.is_banned(p.peer_id, now)}
+
+
+async def chaos_killer(sw: Swarm6, every: float, stop: asyncio.Event, rng: random.Random, log: list, client=None) -> None:
     t0 = time.perf_counter()
     restarts: list[asyncio.Task] = []
     while not stop.is_set():
@@ -209,9 +223,9 @@ async def chaos_killer(sw: Swarm6, every: float, stop: asyncio.Event, rng: rando
             break
         except asyncio.TimeoutError:
             pass
-        pool = sw.spare_victims()
+        pool = sw.spare_victims(usable_peers(client) if client is not None else None)
         if not pool:
-            log.append((time.perf_counter() - t0, None, "idle: no span has two live replicas"))
+            log.append((time.perf_counter() - t0, None, "none killed: no span has a second live replica the client knows"))
             continue
         slot = rng.choice(pool)
         pid, peer = slot.proc.pid, slot.proc.peer_id
@@ -233,7 +247,8 @@ async def part_b(sw: Swarm6, manifest, ids: list[int], ref: list[int], args) -> 
         await one_answer(client, ids, 4)
         stop = asyncio.Event()
         log: list = []
-        killer = asyncio.create_task(chaos_killer(sw, args.kill_every, stop, random.Random(args.seed), log))
+        killer = asyncio.create_task(chaos_killer(sw, args.kill_every, stop, random.Random(args.seed), log,
+                                                  None if args.blind_killer else client))
         chaos = await gen_loop(client, ids, ref, args.tokens, args.chaos_seconds, stop)
         await killer
     return dict(calm=calm, chaos=chaos, log=log)
@@ -249,6 +264,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every peer and the client")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-chaos", action="store_true", help="run (a) only")
+    ap.add_argument("--blind-killer", action="store_true",
+                    help="(b): kill when a second replica's process is up, known to the client or not (shows the window "
+                         "between a restarted peer's READY and the client learning of it)")
     ap.add_argument("--skip-stall", action="store_true", help="run (b) only (with one no-failure answer as its reference)")
     args = ap.parse_args()
     if not 0 < args.kill_at < args.tokens - 1:
@@ -316,7 +334,7 @@ def print_b(b: dict, args) -> bool:
     kills = [e for e in b["log"] if e[1] is not None]
     print()
     print(f"(b) answers back to back for {args.chaos_seconds:g} s each; chaos: a random peer SIGKILLed every {args.kill_every:g} s "
-          f"(never the last live replica of a span) and restarted at once")
+          f"(never the last live replica of a span{'' if args.blind_killer else ' the client knows and has not banned'}) and restarted at once")
     print()
     print("| loop | tokens | seconds | tokens/s | answers done | answers failed | answers equal the no-failure run | kills |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -329,7 +347,7 @@ def print_b(b: dict, args) -> bool:
     timeline += [(t, f"failover at position {ev.at_position}: dropped {ev.dropped[:10]} {ev.span[0]}:{ev.span[1]} -> "
                      f"{', '.join(f'{p[:10]} {s}:{e}' for p, s, e in ev.replaced_by) or 'nothing'} in {ev.stall_s * 1000:.0f} ms "
                      f"({ev.reason[:80]})") for t, ev in chaos["events"]]
-    timeline += [(t, what) for t, what in chaos["errors"]]
+    timeline += [(e[0], e[1]) for e in chaos["errors"]]
     for t, what in sorted(timeline, key=lambda x: x[0]):
         print(f"  t={t:5.1f}s {what}")
     return chaos["failed"] == 0 and chaos["equal"] == chaos["answers"] and calm["equal"] == calm["answers"]

@@ -91,6 +91,7 @@ class Frame:
     kind: str
     framing: str = "ok"
     may_close: bool = False
+    desc: str = ""  # a short picture of the body, for findings
 
 
 @dataclass
@@ -154,6 +155,7 @@ def build_strategies(registry: dict[str, type]):
 
     dtypes = st.sampled_from(["float32", "bfloat16", "float16", "float64", "int64", "int8", "bool", "uint8", "complex64", "", "FLOAT32"])
     good_dtypes = st.sampled_from(["float32", "bfloat16", "float16"])
+    odd_dtypes = st.sampled_from([None, 1, 3.5, b"float32", [], {}, ["float32"], {"float32": 1}])  # not even a string
 
     @st.composite
     def tensors(draw, rows: int | None = None, dtype: str | None = None):
@@ -168,8 +170,8 @@ def build_strategies(registry: dict[str, type]):
             st.just([n, HIDDEN]),
             st.just([1, 1 << 20, 1 << 20]),  # a huge claim, with few bytes
         ))
-        dt = dtype or draw(st.one_of(good_dtypes, dtypes))
-        size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dt, 4)
+        dt = dtype or draw(st.one_of(good_dtypes, dtypes, odd_dtypes))
+        size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dt, 4) if isinstance(dt, str) else 4
         numel = 1
         for d in shape:
             numel *= d if isinstance(d, int) and d >= 0 else 1
@@ -323,7 +325,7 @@ def build_strategies(registry: dict[str, type]):
             return Frame(HEADER.pack(3) + b"\xc1\xc1\xc1", "unpackable")
         if len(data) > MAX_FRAME:
             return Frame(HEADER.pack(len(data)), "too_big", "raw")
-        return Frame(_frame(data), f"msg:{tag}")
+        return Frame(_frame(data), f"msg:{tag}", desc=repr(_summary(body))[:300])
 
     @st.composite
     def sequences(draw):
@@ -353,7 +355,7 @@ def _values(kind: str, nbytes: int, dtype: str) -> bytes:
 
     if nbytes == 0:
         return b""
-    if kind == "random_bytes" or dtype not in ("float32", "float16", "bfloat16"):
+    if kind == "random_bytes" or not isinstance(dtype, str) or dtype not in ("float32", "float16", "bfloat16"):
         return os.urandom(nbytes)
     n = nbytes // 4 + 1
     if kind == "zeros":
@@ -367,6 +369,21 @@ def _values(kind: str, nbytes: int, dtype: str) -> bytes:
     else:
         arr = np.full(n, 3e38, np.float32)
     return arr.tobytes()[:nbytes].ljust(nbytes, b"\0")
+
+
+def _summary(v: Any, depth: int = 0) -> Any:
+    """A value with long bytes, strings and containers cut short, for a finding's text."""
+    if isinstance(v, (bytes, bytearray)):
+        return f"<{len(v)} bytes>"
+    if isinstance(v, str) and len(v) > 40:
+        return v[:40] + f"...<{len(v)} chars>"
+    if depth > 4:
+        return "..."
+    if isinstance(v, list):
+        return [_summary(x, depth + 1) for x in v[:6]] + (["..."] if len(v) > 6 else [])
+    if isinstance(v, dict):
+        return {_summary(k, depth + 1): _summary(x, depth + 1) for k, x in list(v.items())[:10]}
+    return v
 
 
 def _frame(body: bytes) -> bytes:
@@ -482,7 +499,8 @@ class Fuzzer:
         if outcome == "closed":
             self.stats.closes += 1
             if f.framing == "ok" and not f.may_close:
-                self.stats.find("no_error_frame", f"{f.kind} ({len(f.data)} bytes, well framed): the peer closed the connection without an error frame")
+                self.stats.find("no_error_frame", f"{f.kind} ({len(f.data)} bytes, well framed): the peer closed the connection "
+                                                  f"without an error frame; body {f.desc or '(not a map)'}")
             return False
         self.note_reply(f.kind, msg)
         if f.framing == "cut":  # we still owe the peer bytes: it must close on us
@@ -725,7 +743,7 @@ def fuzz(addr: str, pid: int, args: argparse.Namespace) -> tuple[Fuzzer, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="how long to send frames")
-    ap.add_argument("--workers", type=int, default=4, help="connections in flight at once")
+    ap.add_argument("--workers", type=int, default=8, help="connections in flight at once")
     ap.add_argument("--check-every", type=int, default=50, help="cases between liveness checks (alive + Ping)")
     ap.add_argument("--reply-timeout", type=float, default=10.0, help="seconds a well-framed request may take to be answered")
     ap.add_argument("--frame-timeout", type=float, default=3.0, help="the peer's --frame-timeout (truncated frames wait this long)")
