@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from swarm import wire
 from swarm.directory import split_addr
@@ -29,7 +29,7 @@ log = logging.getLogger("swarm.gossip")
 
 @dataclass
 class MembershipConfig:
-    heartbeat_s: float = 1.0  # how often our record's version grows
+    heartbeat_s: float = 1.0  # how often our record's version grows (x table.scale() past 128 peers)
     round_s: float = 0.5  # how often we start an exchange
     fanout: int = 2  # peers per round
     call_timeout: float = 3.0  # seconds for one exchange
@@ -47,7 +47,8 @@ class Membership:
         self.record_fields = record_fields
         self.config = config
         self.swarm_key = swarm_key
-        self.table = GossipTable(identity.peer_id, config.gossip)
+        # the table stretches heartbeat and timeouts with the swarm's size from these timings
+        self.table = GossipTable(identity.peer_id, replace(config.gossip, heartbeat_s=config.heartbeat_s, round_s=config.round_s, fanout=config.fanout))
         self._conns: dict[str, Connection] = {}
         self._tasks: set[asyncio.Task] = set()
         self._mdns: MdnsDiscovery | None = None
@@ -132,7 +133,7 @@ class Membership:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.heartbeat_s)
+            await asyncio.sleep(self.table.heartbeat_interval())
             self.heartbeat()
             f = self.record_fields()
             txt = make_txt(f["model_hash"], f["start"], f["end"])

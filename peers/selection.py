@@ -23,6 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from swarm.routing import coverage as span_coverage
+
+
 
 @dataclass(frozen=True)
 class Holding:
@@ -45,11 +48,7 @@ def holdings(records: Iterable, model_hash: str) -> list[Holding]:
 
 def coverage(held: Iterable[Holding], n_blocks: int) -> list[int]:
     """Replicas per block."""
-    cov = [0] * n_blocks
-    for h in held:
-        for b in range(max(0, h.start), min(n_blocks, h.end)):
-            cov[b] += 1
-    return cov
+    return span_coverage(((h.start, h.end) for h in held), n_blocks)
 
 
 def block_throughput(held: Iterable[Holding], n_blocks: int) -> list[float]:
@@ -71,18 +70,6 @@ def choose_span(held: Iterable[Holding], n_blocks: int, n: int) -> tuple[int, in
     tp = block_throughput(held, n_blocks)
     best = min(range(n_blocks - n + 1), key=lambda s: (sorted(cov[s : s + n]), sorted(tp[s : s + n]), s))
     return best, best + n
-
-
-def gaps(cov: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of uncovered blocks, as [start, end) spans."""
-    out, s = [], None
-    for i, c in enumerate([*cov, 1]):
-        if c == 0 and s is None:
-            s = i
-        elif c and s is not None:
-            out.append((s, i))
-            s = None
-    return out
 
 
 def movers(held: list[Holding], n_blocks: int, min_replicas: int = 2) -> list[Holding]:

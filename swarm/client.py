@@ -42,6 +42,7 @@ class ClientConfig:
     wire_dtype: str = "float32"  # dtype of hidden states on the wire
     connect_timeout: float = 5.0  # seconds for a TCP (and TLS) connection
     max_failovers: int = 8  # replaced hops per answer before giving up
+    route_grace_s: float = 3.0  # how long a broken route waits for a replacement peer to appear
     torch_threads: int | None = None  # intra-op threads for the local head
     swarm_key: Any = None  # a private swarm's shared secret (swarm.secure), None for public
     verify: float = 0.0  # fraction of steps a second peer re-computes and compares (1.0: all)
@@ -109,7 +110,9 @@ class SwarmClient:
             swarm_key=config.swarm_key, mdns_interfaces=config.mdns_interfaces,
         )
         await directory.start()
-        return cls(config, manifest, head, tokenizer, directory)
+        self = cls(config, manifest, head, tokenizer, directory)
+        directory.is_usable = lambda peer_id: not self.rtt.is_banned(peer_id, time.monotonic())
+        return self
 
     async def __aenter__(self) -> "SwarmClient":
         return self
@@ -126,11 +129,21 @@ class SwarmClient:
     # --- what the chain asks of us ---------------------------------------------------------------
 
     async def plan(self, start: int, end: int) -> Route:
-        candidates = [
-            Candidate(p.peer_id, p.start, p.end, max(p.ms_per_block, 0.01), float(p.sessions))
-            for p in self.directory.peers()
-        ]
-        return plan(candidates, self.rtt, start, end, time.monotonic())
+        """The best route for blocks [start, end). If no usable peer covers them, ask the swarm
+        again for up to `route_grace_s`: a replacement may have joined that we have not heard of."""
+        deadline = time.monotonic() + self.config.route_grace_s
+        while True:
+            candidates = [
+                Candidate(p.peer_id, p.start, p.end, max(p.ms_per_block, 0.01), float(p.sessions))
+                for p in self.directory.peers()
+            ]
+            try:
+                return plan(candidates, self.rtt, start, end, time.monotonic())
+            except NoRouteError:
+                if time.monotonic() >= deadline:
+                    raise
+            await self.directory.refresh()
+            await asyncio.sleep(0.2)
 
     async def refresh_rtts(self, pings: int = 3, max_peers: int = 16, timeout: float = 1.0) -> None:
         """Ping the candidates before routing a new answer, so a peer whose latency changed

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from .errors import NoRouteError, PeerUnavailable, ProtocolError, SwarmError
 from .gossip import PeerRecord
 from .identity import Identity
 from .mdns import Discovered, MdnsDiscovery
+from .routing import coverage, gaps
 from .transport import Connection
 
 log = logging.getLogger("swarm.directory")
@@ -47,6 +49,7 @@ class Directory:
         self._mdns: MdnsDiscovery | None = None
         self._updated = asyncio.Event()
         self.dropped = 0  # records that failed validation or their signature
+        self.is_usable: Callable[[str], bool] = lambda peer_id: True  # the client plugs in its ban list
 
     async def start(self) -> None:
         if self.mdns:
@@ -165,11 +168,8 @@ class Directory:
             await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def coverage(self, num_blocks: int) -> list[int]:
-        cov = [0] * num_blocks
-        for p in self.peers():
-            for b in range(max(0, p.start), min(num_blocks, p.end)):
-                cov[b] += 1
-        return cov
+        """Replicas per block among the peers of our model that we may use (not banned)."""
+        return coverage(((p.start, p.end) for p in self.peers() if self.is_usable(p.peer_id)), num_blocks)
 
     async def wait_for_coverage(self, num_blocks: int, timeout: float) -> None:
         """Return once every block is served by some known peer; NoRouteError after `timeout`."""
@@ -186,20 +186,9 @@ class Directory:
                         + (f" at {', '.join(self.bootstrap)}" if self.bootstrap else " on the LAN")
                         + "; start one with `swarm join` or pass --peer HOST:PORT"
                     )
-                raise NoRouteError(_gaps(cov))
+                raise NoRouteError(gaps(cov))
             self._updated.clear()
             try:
                 await asyncio.wait_for(self._updated.wait(), min(left, 0.5))
             except asyncio.TimeoutError:
                 pass
-
-
-def _gaps(cov: list[int]) -> list[tuple[int, int]]:
-    gaps, s = [], None
-    for i, c in enumerate(cov + [1]):
-        if c == 0 and s is None:
-            s = i
-        elif c and s is not None:
-            gaps.append((s, i))
-            s = None
-    return gaps

@@ -5,11 +5,17 @@ Rules of the table (learned from memberlist/SWIM, reshaped for signed records):
 * Every peer owns one `PeerRecord`, signs it and bumps its `version` (a millisecond counter that
   only grows) about once a second: the bump is the heartbeat. Only the owner's key can make a
   record for its id, because the peer id *is* the public key.
+* Past `capacity()` peers (128 with the defaults: the fresh records a table can take in per
+  second) a table could no longer receive every peer's heartbeat in time, so the heartbeat period
+  and both timeouts below stretch by `scale()` = n / capacity (memberlist likewise stretches its
+  push-pull interval and suspicion timeout with the cluster size): per-peer traffic stays
+  bounded whatever n, and small swarms run at the base timings exactly.
 * For each peer a table keeps the record that ranks highest by `(version, leaving, signature)`.
   That order is total, so merging is idempotent and independent of arrival order.
-* A peer whose version has not grown for `suspect_after` seconds (local clock) is *suspected*:
-  still listed, no longer offered by `alive()`. After `dead_after` it is removed and tombstoned at
-  its last version, so stale copies still circulating cannot bring it back; a newer version can.
+* A peer whose version has not grown for `suspect_after` (x scale) seconds (local clock) is
+  *suspected*: still listed, no longer offered by `alive()`. After `dead_after` (x scale) it is
+  removed and tombstoned at its last version, so stale copies still circulating cannot bring it
+  back; a newer version can.
 * A `leaving` record removes its peer at once. The signed leave is kept as a tombstone and gossiped
   on, so everyone learns it and nobody resurrects the peer with an older record.
 * One exchange is push-pull: the initiator sends its digest (peer id -> version) and a bounded
@@ -183,9 +189,8 @@ class PeerRecord:
 
     def same_content(self, other: "PeerRecord") -> bool:
         """True when the two differ at most in version and signature: a bare heartbeat."""
-        a, b = self._fields_map(), other._fields_map()
-        a.pop("version"), b.pop("version")
-        return a == b
+        return self.extra == other.extra and all(
+            getattr(self, name) == getattr(other, name) for name in _CONTENT_FIELDS)
 
     @property
     def rank(self) -> tuple[int, bool, bytes]:
@@ -196,7 +201,9 @@ class PeerRecord:
 
 _FIELD_NAMES = frozenset(f.name for f in fields(PeerRecord)) - {"extra"}
 _SIGNED_FIELDS = tuple(f.name for f in fields(PeerRecord) if f.name not in ("signature", "extra"))
-# what a heartbeat changes; a record differing from the held one only in these is not rumored
+# what a heartbeat leaves alone; a record differing from the held one only outside these (in
+# version and signature) is not rumored
+_CONTENT_FIELDS = tuple(name for name in _SIGNED_FIELDS if name != "version")
 
 
 
@@ -445,6 +452,7 @@ class GossipTable:
         self._rumors: deque[str] = deque()  # ids whose current record we are still spreading
         self._sent: dict[str, int] = {}  # id -> transmissions of its current record
         self._sorted: list[str] | None = None  # digest ids in order, rebuilt on membership change
+        self._listed: list[str] | None = None  # listed ids in order, likewise
         self._cursor = 0  # start of the next digest window
         self.dropped_total: Counter[str] = Counter()
 
@@ -459,6 +467,12 @@ class GossipTable:
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._records
 
+    def listed_ids(self) -> list[str]:
+        """Ids of every listed peer (ours included), sorted; cached until membership changes."""
+        if self._listed is None:
+            self._listed = sorted(self._records)
+        return self._listed
+
     def records(self) -> list[PeerRecord]:
         """Every listed record, suspected ones included."""
         return list(self._records.values())
@@ -472,13 +486,16 @@ class GossipTable:
     # ---- timing, scaled with the swarm's size
 
     def capacity(self) -> float:
-        """Fresh records per second one peer can surely take in: the replies to its own pushes,
-        `fanout` per round, each at most `max_records_per_round` records. (Answers to the pushes
-        it receives and the one-way `GossipRecords` double that in practice; that half is left as
-        headroom for loss and for the same new version arriving by several exchanges at once.)
-        With the defaults: 2 * 64 / 0.5 s = 256 records/s."""
+        """Fresh records per second one peer can take in with room to spare:
+        fanout * max_records_per_round / round_s / 2. A peer pulls at most
+        `max_records_per_round` records in the reply to each of its `fanout` pushes per round;
+        the one-way `GossipRecords` answering what it wants from the pushes it receives add
+        about as many, but a new version typically reaches a table twice in a round (once each
+        way), and loss must heal too, so only half the raw rate is counted. (Counting all of it
+        saturates the caps at 1,000 peers: ~5% false suspicions in tools/gossip_sim.py; with the
+        half, none.) With the defaults: 2 * 64 / 0.5 / 2 = 128 records/s."""
         c = self.config
-        return c.fanout * c.max_records_per_round / c.round_s
+        return c.fanout * c.max_records_per_round / c.round_s / 2
 
     def scale(self) -> float:
         """max(1, n / capacity) for the n peers this table lists (ours included). Each table must
@@ -487,7 +504,7 @@ class GossipTable:
         take in once n > capacity * heartbeat_s. So past that, heartbeats slow down and the
         timeouts stretch by the same factor: per-peer traffic stays ~capacity records/s whatever
         n, and each peer is still expected to beat suspect_after / heartbeat_s times before it
-        is suspected. Up to `capacity` peers (256 with the defaults) nothing changes. Tables of
+        is suspected. Up to `capacity` peers (128 with the defaults) nothing changes. Tables of
         one swarm list about the same n, so they agree on the factor; a joiner's table fills
         within a few rounds (unknown peers are pulled first)."""
         return max(1.0, len(self._records) / self.capacity())
@@ -548,7 +565,7 @@ class GossipTable:
         if not self._verify(record):
             raise ValueError("update_own: record is not signed by its owner")
         if cur is None:
-            self._sorted = None
+            self._sorted = self._listed = None
         self._records[self.own] = record
         self._last_news[self.own] = now
         if cur is None or not record.same_content(cur):
@@ -584,8 +601,11 @@ class GossipTable:
             except ProtocolError:
                 return MALFORMED
         elif isinstance(item, PeerRecord):
-            if item is self._records.get(item.peer_id):
+            cur = self._records.get(item.peer_id)
+            if item is cur:
                 return DUPLICATE  # the very object we hold (in-process simulators share them)
+            if cur is not None and item.version < cur.version and item.peer_id != self.own:
+                return OLD_VERSION  # the rank check below, without building ranks
             rec = item
         else:
             return MALFORMED
@@ -605,11 +625,11 @@ class GossipTable:
                 self._forget(pid)
                 removed.append(pid)
             self._tombs[pid] = Tombstone(rec.version, now + self.config.tombstone_ttl, rec)
-            self._sorted = None
+            self._sorted = self._listed = None
             self._spread(pid)  # a leave must reach everyone
             return None
         if cur is None:
-            self._sorted = None
+            self._sorted = self._listed = None
         if pid in self._tombs:
             del self._tombs[pid]  # a newer version than the tombstone: the peer is back
         if cur is None or rec.version > cur.version:
@@ -632,7 +652,7 @@ class GossipTable:
         self._records.pop(pid, None)
         self._last_news.pop(pid, None)
         self._suspected.discard(pid)
-        self._sorted = None
+        self._sorted = self._listed = None
 
     def expire(self, now: float) -> ExpireResult:
         """Suspect peers silent for suspect_timeout(), remove (and tombstone) those silent for
@@ -654,7 +674,7 @@ class GossipTable:
                 suspected.append(pid)
         for pid in [p for p, t in self._tombs.items() if t.until <= now]:
             del self._tombs[pid]
-            self._sorted = None
+            self._sorted = self._listed = None
         return ExpireResult(tuple(suspected), tuple(removed))
 
     # ---- what to send
@@ -810,5 +830,5 @@ class GossipTable:
 def choose_gossip_targets(table: GossipTable, rng: random.Random, fanout: int = 3) -> list[str]:
     """Up to `fanout` distinct peers to exchange with this round, uniformly at random among the
     listed ones (suspected included: talking to them is how a false suspicion heals)."""
-    ids = sorted(r.peer_id for r in table.records() if r.peer_id != table.own)
+    ids = [pid for pid in table.listed_ids() if pid != table.own]
     return rng.sample(ids, min(fanout, len(ids)))

@@ -140,6 +140,28 @@ class Route:
 # --- coverage ------------------------------------------------------------------------------------
 
 
+def coverage(spans: Iterable[tuple[int, int]], num_blocks: int) -> list[int]:
+    """How many of the spans [s, e) hold each block 0..num_blocks-1."""
+    cov = [0] * num_blocks
+    for s, e in spans:
+        for b in range(max(0, s), min(num_blocks, e)):
+            cov[b] += 1
+    return cov
+
+
+def gaps(cov: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of blocks no span holds, as [start, end) spans."""
+    out: list[tuple[int, int]] = []
+    s = None
+    for i, c in enumerate([*cov, 1]):
+        if c == 0 and s is None:
+            s = i
+        elif c and s is not None:
+            out.append((s, i))
+            s = None
+    return out
+
+
 def uncovered(candidates: Iterable[Candidate], start: int, end: int) -> list[tuple[int, int]]:
     """The ranges of [start, end) that no candidate serves, merged and in order."""
     spans = sorted((max(c.start, start), min(c.end, end)) for c in candidates)

@@ -8,6 +8,7 @@ from typing import Any
 
 from .directory import Directory
 from .gossip import PeerRecord
+from .routing import coverage, gaps
 
 
 def snapshot(peers: list[PeerRecord], now_ms: float | None = None) -> dict[str, Any]:
@@ -38,11 +39,7 @@ def snapshot(peers: list[PeerRecord], now_ms: float | None = None) -> dict[str, 
             }
         )
     for m in models.values():
-        cov = [0] * m["num_blocks"]
-        for p in peers:
-            if p.model_hash == m["model_hash"]:
-                for b in range(p.start, min(p.end, len(cov))):
-                    cov[b] += 1
+        cov = coverage(((p.start, p.end) for p in peers if p.model_hash == m["model_hash"]), m["num_blocks"])
         m["coverage"] = cov
         m["uncovered"] = [b for b, c in enumerate(cov) if c == 0]
     return {"peers": rows, "models": list(models.values())}
@@ -84,13 +81,6 @@ def render(snap: dict[str, Any]) -> str:
 
 
 def _ranges(blocks: list[int]) -> str:
-    out, s, prev = [], None, None
-    for b in blocks + [None]:  # type: ignore[list-item]
-        if s is None:
-            s = prev = b
-        elif b == prev + 1:
-            prev = b
-        else:
-            out.append(f"{s}" if s == prev else f"{s}:{prev + 1}")
-            s = prev = b
-    return ", ".join(out)
+    """Block numbers as compact ranges: [2, 3, 7] -> "2:4, 7"."""
+    cov = [0 if b in set(blocks) else 1 for b in range(max(blocks) + 1)]
+    return ", ".join(f"{s}" if e - s == 1 else f"{s}:{e}" for s, e in gaps(cov))

@@ -181,6 +181,10 @@ async def serve_frames(
             except ProtocolError as e:
                 writer.write(wire.encode(wire.Error(_request_id(body), e.code, str(e))))
                 continue
+            except Exception as e:  # a validation gap is our bug, but still the sender's garbage
+                log.debug("undecodable frame: %r", e)
+                writer.write(wire.encode(wire.Error(_request_id(body), "bad_request", f"malformed frame ({type(e).__name__})")))
+                continue
             reply = await handle(msg)
             writer.write(wire.encode(reply))
             if writer.transport.get_write_buffer_size() > 1 << 20:

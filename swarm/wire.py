@@ -61,7 +61,7 @@ def tensor_from_wire(obj: Any, field: str = "tensor") -> torch.Tensor:
     if not isinstance(obj, dict):
         raise ProtocolError(f"field {field!r}: expected a tensor map {{dtype, shape, data}}")
     dtype_name, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
-    if dtype_name not in WIRE_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in WIRE_DTYPES:
         raise ProtocolError(
             f"field {field!r}: dtype {dtype_name!r} not allowed (allowed: {', '.join(WIRE_DTYPES)})"
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from peers.selection import Holding, choose_span, coverage, gaps, movers, should_move
+from peers.selection import Holding, choose_span, coverage, movers, should_move
+from swarm.routing import gaps
 
 
 def H(pid: str, s: int, e: int, tp: float = 1.0) -> Holding:
