@@ -24,25 +24,25 @@ class ConnectionGate:
     limits: GateLimits = field(default_factory=GateLimits)
     open: Counter = field(default_factory=Counter)  # address -> open connections
     _tokens: dict[str, tuple[float, float]] = field(default_factory=dict)  # address -> (tokens, at)
-    refused: Counter = field(default_factory=Counter)  # reason -> count
+    refused: Counter = field(default_factory=Counter)  # "total" | "per_address" | "rate" -> count
 
     def admit(self, address: str, now: float) -> str | None:
         """None to let a new connection in (and count it), or the reason it is refused."""
         lim = self.limits
         tokens, at = self._tokens.get(address, (lim.burst_per_address, now))
         tokens = min(lim.burst_per_address, tokens + (now - at) * lim.rate_per_address)
-        reason = None
+        reason = kind = None
         if sum(self.open.values()) >= lim.max_connections:
-            reason = "too many connections"
+            kind, reason = "total", "too many connections"
         elif self.open[address] >= lim.max_per_address:
-            reason = f"too many connections from {address}"
+            kind, reason = "per_address", f"too many connections from {address}"
         elif tokens < 1.0:
-            reason = f"{address} opens connections too fast"
-        if reason is None:
+            kind, reason = "rate", f"{address} opens connections too fast"
+        if kind is None:
             tokens -= 1.0
             self.open[address] += 1
         else:
-            self.refused[reason.split(" from ")[0].split(" opens")[0]] += 1
+            self.refused[kind] += 1
         self._tokens[address] = (tokens, now)
         if len(self._tokens) > 4 * lim.max_connections:  # forget idle addresses, bounded memory
             full = {a: v for a, v in self._tokens.items() if self.open[a] or v[0] < lim.burst_per_address}

@@ -133,18 +133,18 @@ async def _join(args: argparse.Namespace) -> int:
     from peers.server import PeerConfig, PeerServer
     from peers.sessions import Limits
 
+    from peers.join import JoinOptions, plan_join
+
     from .identity import Identity, default_identity_path
-    from .prepare import prepare
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from peers.join import JoinOptions, plan_join
-
+    swarm_key = _swarm_key(args)
     # the model (prepared here, or learned and fetched from the swarm), the span, its weights
     plan = await plan_join(JoinOptions(
         model=args.model, blocks=args.blocks, max_blocks=args.max_blocks, max_memory=args.max_memory, dtype=args.dtype,
         quant=args.quant, bootstrap=tuple(args.peer), mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface,
-        discovery_timeout=args.discovery_timeout, swarm_key=_swarm_key(args),
+        discovery_timeout=args.discovery_timeout, swarm_key=swarm_key,
     ), _progress_printer())
     manifest, span = plan.manifest, plan.span
     max_cache_tokens = args.max_cache_tokens
@@ -177,7 +177,7 @@ async def _join(args: argparse.Namespace) -> int:
         quant=args.quant,
         membership=MembershipConfig(bootstrap=tuple(args.peer), mdns=not args.no_mdns, mdns_interfaces=args.mdns_interface),
         announce=args.announce,
-        swarm_key=_swarm_key(args),
+        swarm_key=swarm_key,
         test_perturb=args.test_perturb,
         frame_timeout=args.frame_timeout,
     )
@@ -189,7 +189,7 @@ async def _join(args: argparse.Namespace) -> int:
     if args.blocks is None:  # auto: move to uncovered blocks when the swarm needs it (peers/rebalance.py)
         from peers.rebalance import RebalanceConfig, Rebalancer
 
-        rebalancer = Rebalancer(server, RebalanceConfig(budget=plan.budget, check_s=args.rebalance_interval), swarm_key=_swarm_key(args))
+        rebalancer = Rebalancer(server, RebalanceConfig(budget=plan.budget, check_s=args.rebalance_interval), swarm_key=swarm_key)
         rebalancer.start()
 
     stop = asyncio.Event()

@@ -58,8 +58,13 @@ class PeerProcess:
         return ""
 
 
-def start_peer(args: list[str], env: dict[str, str] | None = None, log_dir: Path | None = None, name: str = "peer") -> PeerProcess:
-    """Start `swarm join ARGS` as a process; call `wait_ready` next."""
+SWARM_CLI = [sys.executable, "-m", "swarm.cli"]
+
+
+def start_peer(args: list[str], env: dict[str, str] | None = None, log_dir: Path | None = None, name: str = "peer",
+               launcher: list[str] | None = None) -> PeerProcess:
+    """Start `swarm join ARGS` as a process; call `wait_ready` next. `launcher` replaces
+    `python -m swarm.cli` (benchmarks run the same CLI under a wrapper)."""
     e = dict(os.environ)
     e.update(env or {})
     e.setdefault("PYTHONUNBUFFERED", "1")
@@ -71,7 +76,7 @@ def start_peer(args: list[str], env: dict[str, str] | None = None, log_dir: Path
     else:
         stderr = subprocess.DEVNULL
     proc = subprocess.Popen(
-        [sys.executable, "-m", "swarm.cli", "join", *args],
+        [*(launcher or SWARM_CLI), "join", *args],
         stdout=subprocess.PIPE,
         stderr=stderr,
         stdin=subprocess.DEVNULL,
@@ -113,15 +118,16 @@ class LocalSwarm:
     peers: list[PeerProcess] = field(default_factory=list)
     log_dir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    launcher: list[str] | None = None  # instead of `python -m swarm.cli`
 
     def start(self, args: list[str], wait: bool = True, name: str = "peer") -> PeerProcess:
-        p = start_peer(args, env=self.env, log_dir=self.log_dir, name=name)
+        p = start_peer(args, env=self.env, log_dir=self.log_dir, name=name, launcher=self.launcher)
         self.peers.append(p)
         return wait_ready(p) if wait else p
 
     def start_many(self, arg_lists: list[list[str]]) -> list[PeerProcess]:
         """Start several peers at once (they load in parallel), then wait for each."""
-        ps = [start_peer(a, env=self.env, log_dir=self.log_dir, name=f"peer{i}") for i, a in enumerate(arg_lists)]
+        ps = [start_peer(a, env=self.env, log_dir=self.log_dir, name=f"peer{i}", launcher=self.launcher) for i, a in enumerate(arg_lists)]
         self.peers.extend(ps)
         return [wait_ready(p) for p in ps]
 
