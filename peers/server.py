@@ -194,8 +194,7 @@ class PeerServer:
                 return wire.Closed(msg.id)
             if isinstance(msg, wire.Ping):
                 return wire.Pong(msg.id)
-            if isinstance(msg, wire.GetInfo):
-                assert self.membership is not None
+            if isinstance(msg, wire.GetInfo) and self.membership is not None:
                 own = self.membership.table.get(self.identity.peer_id)
                 known = tuple(r.to_wire() for r in self.membership.known() if r.peer_id != self.identity.peer_id)
                 return wire.Info(msg.id, peer=own.to_wire() if own else {}, known=known)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -62,7 +63,7 @@ class FailoverEvent:
     stall_s: float
 
 
-class ChainHost:
+class ChainHost(Protocol):
     """What the chain needs from its client (an interface, so tests can drive it in memory)."""
 
     async def plan(self, start: int, end: int) -> Route: ...
@@ -138,8 +139,8 @@ class Chain:
         reply = await conn.request(
             lambda rid: wire.OpenSession(rid, start=hop.start, end=hop.end, max_length=self.max_length, dtype=self.wire_dtype),
             timeout=self._timeout(hop, 1),
+            expect=wire.SessionOpened,
         )
-        assert isinstance(reply, wire.SessionOpened)  # Connection raises on every other reply type
         return LiveHop(hop, conn, reply.session)
 
     def _timeout(self, hop: Hop, rows: int) -> float:
@@ -176,8 +177,8 @@ class Chain:
         reply = await lh.conn.request(
             lambda rid: wire.Forward(rid, session=lh.session, position=position, hidden=x),
             timeout=self._timeout(lh.hop, x.shape[1]),
+            expect=wire.ForwardResult,
         )
-        assert isinstance(reply, wire.ForwardResult)  # Connection raises on every other reply
         out = reply.hidden
         if out.shape != x.shape or out.dtype != x.dtype:
             raise RemoteError(

@@ -114,11 +114,9 @@ class Directory:
         host, port = split_addr(addr)
         conn = await Connection.open(host, port, self.identity, expected, self.swarm_key, self.connect_timeout)
         try:
-            reply = await conn.request(lambda rid: wire.GetInfo(rid), timeout=self.connect_timeout)
+            reply = await conn.request(lambda rid: wire.GetInfo(rid), timeout=self.connect_timeout, expect=wire.Info)
         finally:
             await conn.close()
-        if not isinstance(reply, wire.Info):
-            raise ProtocolError(f"expected info, got {reply.TYPE}")
         return [reply.peer, *reply.known]
 
     async def refresh(self, fanout: int = 3) -> None:

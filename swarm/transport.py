@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from . import wire
 from .errors import PeerUnavailable, ProtocolError, RemoteError
@@ -17,6 +18,7 @@ from .identity import Identity
 from .secure import SwarmKey, open_secure_connection
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=wire.Message)
 
 
 async def read_frame(reader: asyncio.StreamReader, decoder: wire.FrameDecoder, timeout: float | None) -> bytes | None:
@@ -79,9 +81,12 @@ class Connection:
     def closed(self) -> bool:
         return self._closed is not None
 
-    async def request(self, msg_factory: Callable[[int], wire.Message], timeout: float | None = 30.0) -> wire.Message:
+    async def request(
+        self, msg_factory: Callable[[int], wire.Message], timeout: float | None = 30.0, expect: type[M] | None = None
+    ) -> M:
         """Send the message `msg_factory(request_id)` and return the reply. An Error reply raises
-        RemoteError with its code; a broken link or a timeout raises PeerUnavailable."""
+        RemoteError with its code; a reply of another type than `expect` raises RemoteError
+        ("bad_reply"); a broken link or a timeout raises PeerUnavailable."""
         if self._closed is not None:
             raise PeerUnavailable(f"connection to {self.peer} is closed", peer=self.peer)
         rid = next(self._ids)
@@ -100,7 +105,9 @@ class Connection:
             self._pending.pop(rid, None)
         if isinstance(reply, wire.Error):
             raise RemoteError(f"{self.peer}: {reply.message}", code=reply.code, peer=self.peer)
-        return reply
+        if expect is not None and not isinstance(reply, expect):
+            raise RemoteError(f"{self.peer} answered {reply.TYPE!r} where {expect.TYPE!r} was due", code="bad_reply", peer=self.peer)
+        return reply  # type: ignore[return-value]
 
     async def _read_loop(self) -> None:
         err: BaseException = PeerUnavailable(f"{self.peer} closed the connection", peer=self.peer)

@@ -237,6 +237,58 @@ def test_expiry_follows_given_clock() -> None:
     assert IDS[0].peer_id in t
 
 
+def test_timing_is_unchanged_up_to_capacity() -> None:
+    # capacity = fanout * max_records_per_round / round_s / 2 = 2 * 64 / 0.5 / 2 = 128 records/s
+    t = GossipTable(IDS[0].peer_id)
+    assert t.capacity() == 128.0
+    t.update_own(rec(IDS[0], 1), 0.0)
+    t.merge([rec(i, 1) for i in IDS[1:]], 0.0)
+    assert t.scale() == 1.0
+    assert (t.heartbeat_interval(), t.suspect_timeout(), t.dead_timeout()) == (1.0, 3.0, 6.0)
+    assert t.heartbeat_interval(2.0) == 2.0
+    assert GossipTable("x", GossipConfig(fanout=3, round_s=0.25)).capacity() == 384.0
+
+
+def test_timing_scales_with_table_size() -> None:
+    # capacity 2 * 4 / 0.5 / 2 = 8 records/s
+    cfg = GossipConfig(max_records_per_round=4, fanout=2, round_s=0.5, heartbeat_s=1.0,
+                       suspect_after=3.0, dead_after=6.0)
+    t = GossipTable(IDS[0].peer_id, cfg)
+    assert t.capacity() == 8.0
+    assert t.scale() == 1.0  # empty table
+    others = [Identity.generate() for _ in range(11)]
+    t.update_own(rec(IDS[0], 1), 0.0)
+    t.merge([rec(i, 1) for i in others[:7]], 0.0)  # 8 listed: still exactly capacity
+    assert (t.scale(), t.heartbeat_interval(), t.suspect_timeout(), t.dead_timeout()) == (1.0, 1.0, 3.0, 6.0)
+    t.merge([rec(i, 1) for i in others[7:]], 0.0)  # 12 listed: 12 / 8
+    assert t.scale() == 1.5
+    assert (t.heartbeat_interval(), t.heartbeat_interval(2.0)) == (1.5, 3.0)
+    assert (t.suspect_timeout(), t.dead_timeout()) == (4.5, 9.0)
+    silent, beating = others[0], others[1:]
+    assert t.expire(4.4).suspected == ()  # 3.0 would have flagged all of them
+    t.merge([rec(i, 2) for i in beating], 4.0)
+    r = t.expire(4.5)
+    assert r.suspected == (silent.peer_id,) and r.removed == ()
+    assert t.is_suspected(silent.peer_id, 4.5) and not t.is_suspected(silent.peer_id, 4.4)
+    assert silent.peer_id not in {x.peer_id for x in t.alive(4.5)} and len(t.alive(4.5)) == 11
+    t.merge([rec(i, 3) for i in beating], 8.0)
+    assert t.expire(8.9).removed == ()  # 6.0 would have removed it
+    assert t.expire(9.0).removed == (silent.peer_id,)
+    assert t.scale() == 11 / 8 and t.dead_timeout() == 6.0 * 11 / 8
+    # 1,000 peers with the defaults (fake signatures keep it cheap): heartbeat every 1000/128 s
+    big = GossipTable(IDS[0].peer_id, verifier=lambda r: True)
+    big.merge([replace(rec(IDS[1], 1), peer_id=Identity.generate().peer_id) for _ in range(1000)], 0.0)
+    assert len(big) == 1000 and big.heartbeat_interval() == 1000 / 128
+    assert (big.suspect_timeout(), big.dead_timeout()) == (3 * 1000 / 128, 6 * 1000 / 128)
+
+
+def test_membership_table_follows_driver_timings() -> None:
+    from peers.membership import Membership, MembershipConfig
+
+    m = Membership(IDS[0], dict, MembershipConfig(heartbeat_s=2.0, round_s=0.25, fanout=3, mdns=False))
+    assert m.table.capacity() == 3 * 64 / 0.25 / 2 and m.table.heartbeat_interval() == 2.0
+
+
 def test_update_own_requires_growth_and_signature() -> None:
     t = GossipTable(IDS[0].peer_id)
     t.update_own(rec(IDS[0], 2), 0.0)

@@ -5,7 +5,9 @@ object-level exchange API (`push_contents`, `answer`, `merge`, `records_for`: wh
 `on_push` and `on_reply` wrap). Each message's size is that of its real frame (`swarm.wire`
 encoding, records' msgpack included); it is then dropped (loss) or delivered after a delay of
 whole rounds. Records travel as objects, not re-parsed (the parser is covered by the tests). One round is one gossip interval (0.5 s of simulated time, so the table's
-timeouts in seconds apply unchanged); heartbeats bump each peer's version every 2 rounds (1 s).
+timeouts in seconds apply unchanged); each peer bumps its version every
+`table.heartbeat_interval()` (1 s up to 128 peers' worth of capacity, stretched past it, as the
+driver does), and tables suspect and remove on their scaled timeouts.
 
 Two phases per size:
 
@@ -16,7 +18,9 @@ Two phases per size:
 2. steady: one peer is killed silently and one new peer joins at the start (plus
    `--churn` of the peers per round killed and replaced). Reported: seconds until the joiner is in
    every live table, seconds until the killed peer is gone from every table, live peers wrongly
-   removed, and bytes per peer per round.
+   suspected and wrongly removed (both phases), and bytes per peer per round. By default the
+   phase lasts until the kill and the join have been seen everywhere (at most twice the scaled
+   removal timeout).
 
 Run: `python tools/gossip_sim.py` (10, 100, 1000 peers, 5% loss) or with --peers/--loss/--seed/
 --churn/--delay. Signature checks are shared through one cache (each distinct record is verified
@@ -108,6 +112,7 @@ class Sim:
     false_removals: int = 0
     false_suspicions: int = 0
     rec_sizes: dict[tuple[str, int, bytes], int] = field(default_factory=dict)
+    skel_sizes: dict[tuple[str, int, int, bool], int] = field(default_factory=dict)
 
     def add_peer(self, seeds: list[str], now: float) -> SimPeer:
         ident = Identity.generate()
@@ -130,7 +135,12 @@ class Sim:
     def size(self, skeleton: wire.Message, records: list[PeerRecord]) -> int:
         """Exact framed size of `skeleton` carrying `records`: msgpack encodes a list as a
         header plus its items, so the records' cached encodings add up."""
-        n = len(wire.encode(skeleton)) - 1  # minus the empty list's 1-byte header
+        # the skeleton's size depends only on its type, id width, want count and window (ids are fixed-size)
+        want = getattr(skeleton, "want", ())
+        key = (skeleton.TYPE, len(msgpack.packb(skeleton.id)), len(want), bool(getattr(skeleton, "lo", "")))
+        n = self.skel_sizes.get(key)
+        if n is None:
+            n = self.skel_sizes[key] = len(wire.encode(skeleton)) - 1  # minus the empty list's header
         n += 1 if len(records) < 16 else 3
         for r in records:
             key = (r.peer_id, r.version, r.signature)
@@ -250,7 +260,7 @@ def run(n: int, loss: float, seed: int, churn: float, delay: int, steady_rounds:
     steady_bytes: list[float] = []
     join_lat: dict[str, float] = {}
     gone_lat: dict[str, float] = {}
-    # default length: until the kill and the join have been seen everywhere (plus a few rounds),
+    # default length: until the kill and the join have been seen everywhere (plus one round),
     # at most twice the (scaled) removal timeout; the kill alone keeps it past one dead_timeout,
     # so every live peer has been through a full removal window
     dead = max(p.table.dead_timeout() for p in sim.live())
@@ -276,7 +286,7 @@ def run(n: int, loss: float, seed: int, churn: float, delay: int, steady_rounds:
         if steady_rounds is None and not churn:
             if done_at is None and join_lat and gone_lat:
                 done_at = sim.round
-            if done_at is not None and sim.round >= done_at + 4:
+            if done_at is not None and sim.round >= done_at + 1:
                 break
     hb = sorted(p.table.heartbeat_interval() for p in sim.live())
     return {
