@@ -100,7 +100,7 @@ class Rebalancer:
         if check_mode(s.config.quant) != "none":
             compute = parse_dtype(s.config.dtype)
             on_block = lambda i, layer: quantize_block(layer, s.config.quant, compute)  # noqa: E731
-        span = await asyncio.to_thread(BlockSpan.load, s.manifest, target[0], target[1], s.config.dtype, on_block)
+        span = await asyncio.to_thread(BlockSpan.load, s.manifest, target[0], target[1], s.config.dtype, on_block, None, s.config.device)
         s.span = span  # new sessions use it; open ones keep theirs (Session.span)
         s.weight_bytes = weight_bytes(span.layers)
         s.membership.heartbeat()  # announce now, not at the next beat

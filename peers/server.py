@@ -41,6 +41,7 @@ class PeerConfig:
     host: str = "127.0.0.1"  # address to listen on
     port: int = 0  # 0: any free port
     dtype: str = "float32"  # dtype of the weights and the compute
+    device: str = "cpu"  # where the blocks live and run: cpu, cuda, cuda:N
     limits: Limits = field(default_factory=Limits)
     gate: GateLimits = field(default_factory=GateLimits)  # connections in all, per address, per second
     max_frame: int = wire.DEFAULT_MAX_FRAME  # largest frame accepted, bytes
@@ -84,7 +85,9 @@ class PeerServer:
             if check_mode(config.quant) != "none":
                 compute = parse_dtype(config.dtype)
                 on_block = lambda i, layer: quantize_block(layer, config.quant, compute)  # noqa: E731
-            span = await asyncio.to_thread(BlockSpan.load, manifest, config.start, config.end, config.dtype, on_block)
+            span = await asyncio.to_thread(
+                BlockSpan.load, manifest, config.start, config.end, config.dtype, on_block, None, config.device
+            )
         self = cls(manifest, identity, config, span)
         await self._calibrate()
         self._server = await asyncio.start_server(
@@ -261,7 +264,7 @@ class PeerServer:
             out = out + self.config.test_perturb * out.norm() / out.numel() ** 0.5 * torch.randn_like(out)
         if not math.isfinite(float(out.float().abs().max())):
             raise SessionError("non_finite", "the blocks produced NaN or infinity")
-        return out.to(wire.WIRE_DTYPES[s.dtype])
+        return out.to(device="cpu", dtype=wire.WIRE_DTYPES[s.dtype])
 
     async def _expire_loop(self) -> None:
         period = max(0.5, min(30.0, self.config.limits.idle_timeout / 4))

@@ -8,6 +8,7 @@ are read from disk, each from its own file, checked against the manifest's sha25
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,17 @@ from .manifest import Manifest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _skeleton_lock = threading.Lock()
+
+
+def resolve_device(name: str) -> str:
+    """`auto` is the GPU when torch sees one, else the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__})")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ModelError(f"unknown device {name!r} (cpu, cuda, cuda:N or auto)")
+    return name
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -48,7 +60,7 @@ def skeleton(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
-def _materialize(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> nn.Module:
+def _materialize(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, what: str, device: str = "cpu") -> nn.Module:
     """Give a meta module real weights, checking every key and shape first (as nanoGPT does)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -58,7 +70,7 @@ def _materialize(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: tor
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ModelError(f"{what}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-    module.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, assign=True)
+    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, assign=True)
     return module.eval().requires_grad_(False)
 
 
@@ -75,13 +87,17 @@ class BlockSpan:
     """Blocks [start, end) of a model, ready to run. One instance serves every session; each
     session brings its own cache (see `new_cache`)."""
 
-    def __init__(self, config, layers: nn.ModuleList, rotary: nn.Module, start: int, end: int, dtype: torch.dtype):
+    def __init__(self, config, layers: nn.ModuleList, rotary: nn.Module, start: int, end: int, dtype: torch.dtype, device: str = "cpu"):
         self.config = config
         self.layers = layers
         self.rotary = rotary
         self.start = start
         self.end = end
         self.dtype = dtype
+        self.device = torch.device(device)
+        # transformers renamed the decoder layers' cache argument (past_key_values -> cache)
+        params = inspect.signature(layers[0].forward).parameters if len(layers) else {}
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.hidden_size = int(config.hidden_size)
 
     @classmethod
@@ -93,6 +109,7 @@ class BlockSpan:
         dtype: str = "float32",
         on_block: BlockHook | None = None,
         progress: Callable[[int, int], None] | None = None,
+        device: str = "cpu",
     ) -> "BlockSpan":
         """Read blocks [start, end) one at a time. `on_block` may replace each block as it
         arrives (quantization does), so peak memory stays near one float block."""
@@ -104,14 +121,14 @@ class BlockSpan:
         layers = []
         for n, i in enumerate(range(start, end)):
             layer = copy.deepcopy(skel.model.layers[i])  # still on meta: costs nothing
-            layer = _materialize(layer, _read(manifest, manifest.blocks[i]), torch_dtype, f"block {i}")
+            layer = _materialize(layer, _read(manifest, manifest.blocks[i]), torch_dtype, f"block {i}", device)
             if on_block is not None:
                 layer = on_block(i, layer)
             layers.append(layer)
             if progress:
                 progress(n + 1, end - start)
-        rotary = type(skel.model.rotary_emb)(config=config)
-        return cls(config, nn.ModuleList(layers), rotary, start, end, torch_dtype)
+        rotary = type(skel.model.rotary_emb)(config=config).to(device)
+        return cls(config, nn.ModuleList(layers), rotary, start, end, torch_dtype, device)
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -129,19 +146,20 @@ class BlockSpan:
         start = self.start if start is None else start
         end = self.end if end is None else end
         n = hidden.shape[1]
-        x = hidden.to(self.dtype)
-        pos = torch.arange(position, position + n).unsqueeze(0)
+        dev = self.device
+        x = hidden.to(device=dev, dtype=self.dtype)
+        pos = torch.arange(position, position + n, device=dev).unsqueeze(0)
         cos_sin = self.rotary(x, pos)
         mask = None
         if n > 1 and position > 0:
             # several new rows after a cached prefix: SDPA's is_causal would align them to the
             # top-left, so spell the causal mask out. (n == 1 attends to all; a prefix-free
             # prefill uses SDPA's own causal path.)
-            q = torch.arange(position, position + n).unsqueeze(1)
-            k = torch.arange(position + n).unsqueeze(0)
+            q = torch.arange(position, position + n, device=dev).unsqueeze(1)
+            k = torch.arange(position + n, device=dev).unsqueeze(0)
             mask = (k <= q)[None, None]
         for layer in self.layers[start - self.start : end - self.start]:
-            x = layer(x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, position_embeddings=cos_sin)
+            x = layer(x, attention_mask=mask, position_ids=pos, use_cache=True, position_embeddings=cos_sin, **{self._cache_kw: cache})
         return x
 
     def weight_bytes(self) -> int:

@@ -135,6 +135,7 @@ async def _join(args: argparse.Namespace) -> int:
 
     from peers.join import JoinOptions, plan_join
 
+    from .blocks import resolve_device
     from .identity import Identity, default_identity_path
 
     if args.threads:
@@ -168,6 +169,7 @@ async def _join(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         dtype=args.dtype,
+        device=resolve_device(args.device),
         limits=Limits(
             max_sessions=args.max_sessions,
             max_cache_tokens=max_cache_tokens,
@@ -373,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--announce", type=_addr, default=None, help="HOST:PORT others should dial, if not the listening address")
     sp.add_argument("--identity", help="the peer's key file (default: one per port in ~/.config/swarm/keys)")
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--device", default="cpu", help="where the blocks run: cpu (default), cuda, cuda:N, or auto")
     sp.add_argument("--quant", default="none", choices=["none", "int8", "nf4"], help="hold the blocks in int8 or nf4 (bitsandbytes); compute stays in --dtype")
     sp.add_argument("--max-memory", type=_size, default=None, metavar="SIZE", help="bytes for blocks + KV cache, e.g. 4GiB, 512MB; with --blocks auto it picks the span")
     sp.add_argument("--no-mdns", action="store_true", help="do not announce or browse on the LAN")

@@ -104,7 +104,7 @@ def _int8(linear: nn.Linear) -> nn.Module:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False, threshold=INT8_THRESHOLD)
     # Int8Params quantizes on its first move to a real device: row-wise absmax to int8 (CB) with
     # one float scale per output row (SCB)
-    q.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False).to("cpu")
+    q.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False).to(linear.weight.device)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
     return q.eval()
@@ -119,9 +119,11 @@ def _nf4(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
         )
     q.weight = bnb.nn.Params4bit(
         linear.weight.data, requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4", module=q
-    ).to("cpu")
+    ).to(linear.weight.device)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.to(compute_dtype).clone(), requires_grad=False)
+    if linear.weight.device.type != "cpu":
+        return q.eval()  # the packing below is bitsandbytes' CPU kernel's
     if linear.out_features % _CPU_PACK_N or linear.in_features % NF4_BLOCKSIZE:
         q.support_avx512bf16_for_cpu = False  # the packed CPU kernel cannot take this shape
     elif q.support_avx512bf16_for_cpu:
