@@ -258,7 +258,7 @@ class PeerServer:
 
     def _step(self, s, position: int, h: torch.Tensor) -> torch.Tensor:
         if position < s.length:
-            rewind(s.cache, position)
+            rewind(s.cache, position, s.start)
         out = (s.span or self.span).forward(h, position, s.cache, s.start, s.end)
         if self.config.test_perturb:  # the test suite's lying peer, started with --test-perturb
             out = out + self.config.test_perturb * out.norm() / out.numel() ** 0.5 * torch.randn_like(out)

@@ -169,9 +169,13 @@ class BlockSpan:
         return total
 
 
-def rewind(cache, length: int) -> None:
-    """Drop cached positions >= length (a retried or replayed step)."""
-    cache.crop(length)
+def rewind(cache, length: int, layer_idx: int) -> None:
+    """Drop cached positions >= length (a retried or replayed step). A negative crop removes that
+    many tokens in every transformers version (a positive one meant "keep" in 4.x, and is refused
+    in 5.x)."""
+    remove = cache.get_seq_length(layer_idx) - length
+    if remove > 0:
+        cache.crop(-remove)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +97,9 @@ class SwarmClient:
         self._conn_locks: dict[str, asyncio.Lock] = {}
         self.last_route: list[dict] = []
         self.active_chains: list[Chain] = []  # answers in progress (their open sessions)
+        # the head runs on one thread of its own: torch keeps a thread team per calling thread,
+        # and hopping between pool threads would wake (and spin) several teams per token
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
 
     @classmethod
     async def connect(cls, config: ClientConfig, manifest: Manifest | None = None) -> "SwarmClient":
@@ -125,6 +129,7 @@ class SwarmClient:
             await c.close()
         self._conns.clear()
         await self.directory.stop()
+        self._compute.shutdown(wait=False, cancel_futures=True)
 
     # --- what the chain asks of us ---------------------------------------------------------------
 
@@ -211,6 +216,12 @@ class SwarmClient:
 
     # --- generation ------------------------------------------------------------------------------
 
+    def _head_step(self, h: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator | None) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """On the compute thread: logits of the last row, the sampled token, its embedding."""
+        logits = self.head.logits(h)
+        tok = sample(logits, sampling, gen)
+        return logits, tok, self.head.embed_ids([tok])
+
     def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise ModelError("this model has no tokenizer; pass token ids instead of text")
@@ -264,26 +275,26 @@ class SwarmClient:
         self.active_chains.append(chain)
         try:
             await chain.open(self.manifest.num_blocks)
-            ids = list(prompt_ids)
+            loop = asyncio.get_running_loop()
+            x = await loop.run_in_executor(self._compute, self.head.embed_ids, list(prompt_ids))
             for step in range(max_new_tokens):
                 if before_step is not None:
                     before_step(step)  # tests use it to kill a peer at a chosen step
                 try:
-                    h = await chain.step(await asyncio.to_thread(self.head.embed_ids, ids))
+                    h = await chain.step(x)
                 except NoRouteError as e:
                     e.tokens = list(tokens)
                     raise
-                logits = await asyncio.to_thread(self.head.logits, h)
+                # norm, head, sampling and the next token's embedding: one hand-off per token
+                logits, tok, x = await loop.run_in_executor(self._compute, self._head_step, h, sampling, gen)
                 if logits_out is not None:
                     logits_out.append(logits)
-                tok = sample(logits, sampling, gen)
                 if t_first is None:
                     t_first = time.perf_counter()
                 tokens.append(tok)
                 yield tok
                 if tok in eos:
                     break
-                ids = [tok]
         finally:
             self.last_route = chain.routes[-1] if chain.routes else []
             if stats is not None:

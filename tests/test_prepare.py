@@ -106,3 +106,21 @@ def test_span_and_head_match_the_whole_model(tiny_model: Path) -> None:
         got.append(head.logits(h))
     for j, logits in enumerate(got):
         torch.testing.assert_close(logits, want[3 + j], rtol=1e-4, atol=1e-4)
+
+
+def test_rewinding_a_cache_recomputes_the_same_rows(tiny_model: Path) -> None:
+    """A retried or replayed step: the cache is cut back and the rows computed again, identically."""
+    from swarm.blocks import rewind
+
+    m = prepare(str(tiny_model))
+    span = BlockSpan.load(m, 2, 5)
+    cache = span.new_cache()
+    x = torch.randn(1, 6, m.hidden_size)
+    first = span.forward(x[:, :4], 0, cache)
+    step = span.forward(x[:, 4:5], 4, cache)
+    assert span.cache_length(cache) == 5
+    rewind(cache, 4, span.start)
+    assert span.cache_length(cache) == 4
+    torch.testing.assert_close(span.forward(x[:, 4:5], 4, cache), step, rtol=0, atol=0)
+    rewind(cache, 0, span.start)
+    torch.testing.assert_close(span.forward(x[:, :4], 0, cache), first, rtol=0, atol=0)

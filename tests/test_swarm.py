@@ -140,9 +140,14 @@ async def attack(addr: str, H: int) -> None:
     # a tensor whose bytes disagree with its shape
     await s.send(_frame({"t": "forward", "id": 15, "session": sid, "position": 0, "hidden": {"dtype": "float32", "shape": [1, 1, H], "data": b"\0" * 10}}))
     assert "do not match shape" in (await s.recv()).message
-    # and after all that, the same connection still serves a good step
-    await s.send(wire.encode(wire.Forward(16, session=sid, position=0, hidden=torch.zeros(1, 1, H))))
+    # and after all that, the same connection still serves a good step, and a retried one alike
+    row = torch.randn(1, 1, H)
+    await s.send(wire.encode(wire.Forward(16, session=sid, position=0, hidden=torch.ones(1, 1, H))))
     assert isinstance(await s.recv(), wire.ForwardResult)
+    await s.send(wire.encode(wire.Forward(17, session=sid, position=1, hidden=row)))
+    once = (await s.recv()).hidden
+    await s.send(wire.encode(wire.Forward(18, session=sid, position=1, hidden=row)))  # a retry: rewinds
+    assert torch.equal((await s.recv()).hidden, once)
     s.close()
     # an oversized frame announced (4 GiB): refused, connection closed
     s = await RawLink.open(addr)
