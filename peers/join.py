@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from swarm import compute
 from swarm.directory import Directory
 from swarm.errors import ModelError, SwarmError
 from swarm.gossip import PeerRecord
@@ -89,13 +90,13 @@ async def resolve_manifest(opts: JoinOptions, records: list[PeerRecord], identit
     from swarm.prepare import prepare
 
     if opts.model is not None and Path(opts.model).expanduser().is_dir():
-        return await asyncio.to_thread(prepare, opts.model, progress)
+        return await compute.run(prepare, opts.model, progress)
     found = agreed_hash(records, opts.model)
     name = found[1] if found else (opts.model or DEFAULT_MODEL)
     local = local_manifest(name)
     if local is not None and (found is None or local.model_hash == found[0]):
         if name == DEFAULT_MODEL and not _missing(local, range(local.num_blocks)):
-            return await asyncio.to_thread(prepare, name, progress)  # checks hashes, as always
+            return await compute.run(prepare, name, progress)  # checks hashes, as always
         return local
     if found is not None:
         data, sig = await fetch_manifest(records, found[0], identity, opts.swarm_key)
@@ -104,7 +105,7 @@ async def resolve_manifest(opts: JoinOptions, records: list[PeerRecord], identit
         return m
     if name == DEFAULT_MODEL:
         try:
-            return await asyncio.to_thread(prepare, name, progress)
+            return await compute.run(prepare, name, progress)
         except ModelError as e:
             raise SwarmError(f"no swarm found{_where(opts)} and the default model cannot be prepared here ({e})") from None
     raise SwarmError(f"no peer serves model {name!r}{_where(opts)}; pass --peer HOST:PORT of a member, or a local model folder as --model")

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarm import compute
 from swarm.blocks import BlockSpan, parse_dtype
 from swarm.identity import Identity
 from swarm.quant import check_mode, quantize_block, weight_bytes
@@ -98,9 +99,9 @@ class Rebalancer:
         await fetch_blocks(s.manifest, target, records, self._identity, self.config.fetch, self.swarm_key)
         on_block = None
         if check_mode(s.config.quant) != "none":
-            compute = parse_dtype(s.config.dtype)
-            on_block = lambda i, layer: quantize_block(layer, s.config.quant, compute)  # noqa: E731
-        span = await asyncio.to_thread(BlockSpan.load, s.manifest, target[0], target[1], s.config.dtype, on_block, None, s.config.device)
+            compute_dtype = parse_dtype(s.config.dtype)
+            on_block = lambda i, layer: quantize_block(layer, s.config.quant, compute_dtype)  # noqa: E731
+        span = await compute.run(BlockSpan.load, s.manifest, target[0], target[1], s.config.dtype, on_block, None, s.config.device)
         s.span = span  # new sessions use it; open ones keep theirs (Session.span)
         s.weight_bytes = weight_bytes(span.layers)
         s.membership.heartbeat()  # announce now, not at the next beat

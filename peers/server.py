@@ -12,12 +12,11 @@ import itertools
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from swarm import wire
+from swarm import compute, wire
 from swarm.blocks import BlockSpan, parse_dtype, rewind
 from swarm.errors import ProtocolError, SwarmError
 from swarm.secure import SwarmKey, accept_secure, server_context
@@ -67,7 +66,6 @@ class PeerServer:
         self.gate = ConnectionGate(config.gate)
         self.transfer = TransferService(lambda: self.manifest)  # block files for joining peers
         self.ms_per_block = 0.0  # moving average of compute time per block per row
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._conn_ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -79,13 +77,13 @@ class PeerServer:
     @classmethod
     async def start(cls, manifest: Manifest, identity: Identity, config: PeerConfig, span: BlockSpan | None = None) -> "PeerServer":
         if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
+            compute.set_threads(config.torch_threads)
         if span is None:
             on_block = None
             if check_mode(config.quant) != "none":
-                compute = parse_dtype(config.dtype)
-                on_block = lambda i, layer: quantize_block(layer, config.quant, compute)  # noqa: E731
-            span = await asyncio.to_thread(
+                compute_dtype = parse_dtype(config.dtype)
+                on_block = lambda i, layer: quantize_block(layer, config.quant, compute_dtype)  # noqa: E731
+            span = await compute.run(
                 BlockSpan.load, manifest, config.start, config.end, config.dtype, on_block, None, config.device
             )
         self = cls(manifest, identity, config, span)
@@ -118,16 +116,15 @@ class PeerServer:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _calibrate(self) -> None:
         """Time one single-row step so the first record announces a real compute estimate."""
         cache = self.span.new_cache()
         x = torch.zeros(1, 1, self.span.hidden_size, dtype=self.span.dtype)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self.span.forward, x, 0, cache)
+        await compute.run(self.span.forward, x, 0, cache)
         t0 = time.perf_counter()
-        await loop.run_in_executor(self._pool, self.span.forward, x, 1, cache)
+        await compute.run(self.span.forward, x, 1, cache)
         self.ms_per_block = (time.perf_counter() - t0) * 1000 / (self.span.end - self.span.start)
 
     # --- the record others see -----------------------------------------------------------------
@@ -239,14 +236,12 @@ class PeerServer:
             raise SessionError("bad_position", f"position {msg.position} is past the session's length {s.length}")
         if msg.position + h.shape[1] > s.max_length:
             raise SessionError("too_long", f"positions up to {msg.position + h.shape[1]} exceed the session's max_length {s.max_length}")
-        if not bool(torch.isfinite(h).all()):
-            raise SessionError("non_finite", "hidden states contain NaN or infinity")
         if s.busy:
             raise SessionError("busy", "a step of this session is already running")
         s.busy = True
         try:
             t0 = time.perf_counter()
-            out = await asyncio.get_running_loop().run_in_executor(self._pool, self._step, s, msg.position, h)
+            out = await compute.run(self._step, s, msg.position, h)
             dt = (time.perf_counter() - t0) * 1000
         finally:
             s.busy = False
@@ -257,6 +252,9 @@ class PeerServer:
         return wire.ForwardResult(msg.id, hidden=out)
 
     def _step(self, s, position: int, h: torch.Tensor) -> torch.Tensor:
+        """On the torch thread (swarm.compute): check, rewind if asked, run the blocks."""
+        if not bool(torch.isfinite(h).all()):
+            raise SessionError("non_finite", "hidden states contain NaN or infinity")
         if position < s.length:
             rewind(s.cache, position, s.start)
         out = (s.span or self.span).forward(h, position, s.cache, s.start, s.end)

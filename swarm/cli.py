@@ -127,19 +127,18 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 async def _join(args: argparse.Namespace) -> int:
-    import torch
-
     from peers.membership import MembershipConfig
     from peers.server import PeerConfig, PeerServer
     from peers.sessions import Limits
 
     from peers.join import JoinOptions, plan_join
 
+    from . import compute
     from .blocks import resolve_device
     from .identity import Identity, default_identity_path
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        compute.set_threads(args.threads)
     swarm_key = _swarm_key(args)
     # the model (prepared here, or learned and fetched from the swarm), the span, its weights
     plan = await plan_join(JoinOptions(

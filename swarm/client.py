@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import wire
+from . import compute, wire
 from .blocks import Head
 from .chain import Chain, FailoverEvent
 from .directory import Directory
@@ -97,18 +96,15 @@ class SwarmClient:
         self._conn_locks: dict[str, asyncio.Lock] = {}
         self.last_route: list[dict] = []
         self.active_chains: list[Chain] = []  # answers in progress (their open sessions)
-        # the head runs on one thread of its own: torch keeps a thread team per calling thread,
-        # and hopping between pool threads would wake (and spin) several teams per token
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
 
     @classmethod
     async def connect(cls, config: ClientConfig, manifest: Manifest | None = None) -> "SwarmClient":
         if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
+            compute.set_threads(config.torch_threads)
         if manifest is None:
-            manifest = await asyncio.to_thread(prepare, config.model)
-        head = await asyncio.to_thread(Head.load, manifest)
-        tokenizer = await asyncio.to_thread(_load_tokenizer, manifest)
+            manifest = await compute.run(prepare, config.model)
+        head = await compute.run(Head.load, manifest)
+        tokenizer = await compute.run(_load_tokenizer, manifest)
         directory = Directory(
             manifest.model_hash, config.bootstrap, mdns=config.mdns, connect_timeout=config.connect_timeout,
             swarm_key=config.swarm_key, mdns_interfaces=config.mdns_interfaces,
@@ -129,7 +125,6 @@ class SwarmClient:
             await c.close()
         self._conns.clear()
         await self.directory.stop()
-        self._compute.shutdown(wait=False, cancel_futures=True)
 
     # --- what the chain asks of us ---------------------------------------------------------------
 
@@ -275,8 +270,7 @@ class SwarmClient:
         self.active_chains.append(chain)
         try:
             await chain.open(self.manifest.num_blocks)
-            loop = asyncio.get_running_loop()
-            x = await loop.run_in_executor(self._compute, self.head.embed_ids, list(prompt_ids))
+            x = await compute.run(self.head.embed_ids, list(prompt_ids))
             for step in range(max_new_tokens):
                 if before_step is not None:
                     before_step(step)  # tests use it to kill a peer at a chosen step
@@ -286,7 +280,7 @@ class SwarmClient:
                     e.tokens = list(tokens)
                     raise
                 # norm, head, sampling and the next token's embedding: one hand-off per token
-                logits, tok, x = await loop.run_in_executor(self._compute, self._head_step, h, sampling, gen)
+                logits, tok, x = await compute.run(self._head_step, h, sampling, gen)
                 if logits_out is not None:
                     logits_out.append(logits)
                 if t_first is None:
