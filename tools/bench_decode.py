@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads, the same in every process")
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2, help="runs of each side; the best is reported")
+    ap.add_argument("--transformers-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
@@ -104,6 +106,11 @@ def main() -> int:
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
     ids = list(ids if isinstance(ids, list) else ids["input_ids"])
 
+    if args.transformers_only:  # the baseline, in a process of its own (see below)
+        tps, ttft = bench_transformers(ids, args.tokens, args.threads, args.repeat)
+        print(f"RESULT {tps} {ttft}")
+        return 0
+
     spans = thirds(m.num_blocks, args.peers)
     with LocalSwarm() as swarm:
         peers = swarm.start_many([["--blocks", f"{s}:{e}", "--no-mdns", "--threads", str(args.threads)] for s, e in spans])
@@ -113,7 +120,14 @@ def main() -> int:
         one = swarm.start(["--blocks", "0:1", "--no-mdns", "--threads", "1"])
         asyncio.run(bench_swarm_warm(one.addr))
         baseline = rss_mib(one.pid) - m.blocks[0].bytes / 2**20
-    hf_tps, hf_ttft = bench_transformers(ids, args.tokens, args.threads, args.repeat)
+    # transformers runs in a fresh process: once a process has run torch from two threads (our
+    # client's torch thread, then this one), OpenMP stops spinning and every op slows down
+    # (swarm/compute.py), which would handicap the baseline
+    out = subprocess.run(
+        [sys.executable, __file__, "--transformers-only", "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeat", str(args.repeat)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    hf_tps, hf_ttft = (float(x) for x in out.split("RESULT", 1)[1].split())
 
     total_bytes = sum(b.bytes for b in m.blocks) + m.client.bytes
     print(f"model smollm2-135m fp32, prompt {len(ids)} tokens, {args.tokens} greedy tokens, {args.threads} torch threads per process")
