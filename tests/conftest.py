@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from swarm.tiny import TINY_CONFIGS, make_tiny_model
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def swarm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every test run gets its own cache and key folder; peers started by tests inherit them.
-    The embedded default model is prepared once per machine in a shared folder, because it takes
-    a while (SWARM_TEST_MODELS overrides where)."""
+    (The embedded default model is therefore prepared once per test run, ~20 s.)"""
     home = tmp_path_factory.mktemp("swarm-home")
     os.environ["SWARM_HOME"] = str(home)
     os.environ["SWARM_CONFIG"] = str(home / "config")
@@ -25,31 +26,6 @@ def swarm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     return home
-
-
-TINY_CONFIGS = {
-    # grouped-query attention: 4 query heads share 2 key/value heads
-    "llama-gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2),
-    # plain multi-head attention, a different width and depth, untied head
-    "llama-mha": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=5, num_attention_heads=3, num_key_value_heads=3, tie_word_embeddings=False),
-}
-
-
-def make_tiny_model(path: Path, kind: str = "llama-gqa", seed: int = 0) -> Path:
-    """A random Llama-family checkpoint saved as a real Hugging Face folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, **TINY_CONFIGS[kind])
-    model = LlamaForCausalLM(cfg).eval()
-    # larger weights than the default init so that greedy paths are not all one token
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 @pytest.fixture(scope="session")

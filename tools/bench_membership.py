@@ -64,11 +64,9 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="swarm-bench-members-"))
     os.environ["SWARM_HOME"] = str(home)
     os.environ["SWARM_CONFIG"] = str(home / "config")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_tiny_model  # the tests' tiny random Llama: membership, not compute
-
     from swarm.local import LocalSwarm
     from swarm.prepare import prepare
+    from swarm.tiny import make_tiny_model  # a tiny random Llama: membership, not compute
 
     model = make_tiny_model(home / "tiny")
     prepare(str(model))

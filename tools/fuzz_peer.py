@@ -49,7 +49,7 @@ import msgpack  # noqa: E402
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024
-HIDDEN = 64  # the tiny model's width (tests/conftest.py's llama-gqa)
+HIDDEN = 64  # the tiny model's width (swarm.tiny's llama-gqa)
 BLOCKS = 6
 IDS = [1, 22, 33, 44, 55, 66]
 HONEST_TOKENS = 16
@@ -57,25 +57,6 @@ MEM_LIMIT_MIB = 200.0
 
 
 # --- the tiny model -------------------------------------------------------------------------------
-
-
-def make_tiny_model(path: Path, seed: int = 0) -> Path:
-    """The same checkpoint as tests/conftest.py's make_tiny_model("llama-gqa")."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                      hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=BLOCKS,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 # --- what one case is -----------------------------------------------------------------------------
@@ -766,6 +747,8 @@ def main() -> int:
     torch.set_num_threads(1)
     from swarm.local import LocalSwarm
     from swarm.prepare import prepare
+
+    from swarm.tiny import make_tiny_model
 
     model = make_tiny_model(tmp / "tiny")
     prepare(str(model))

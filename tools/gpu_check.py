@@ -35,7 +35,8 @@ def main() -> int:
     os.environ["SWARM_CONFIG"] = str(home / "config")
     import torch
 
-    from conftest import make_tiny_model, reference_generate
+    from conftest import reference_generate
+    from swarm.tiny import make_tiny_model
     from swarm.blocks import BlockSpan, Head
     from swarm.prepare import prepare
     from swarm.quant import quantize_block
