@@ -19,7 +19,6 @@ The order of decisions (`plan_join`):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable

@@ -121,7 +121,6 @@ class PeerServer:
         """Time one single-row step so the first record announces a real compute estimate."""
         cache = self.span.new_cache()
         x = torch.zeros(1, 1, self.span.hidden_size, dtype=self.span.dtype)
-        loop = asyncio.get_running_loop()
         await compute.run(self.span.forward, x, 0, cache)
         t0 = time.perf_counter()
         await compute.run(self.span.forward, x, 1, cache)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from . import wire
-from .errors import NoRouteError, PeerUnavailable, RemoteError, SwarmError
+from .errors import PeerUnavailable, RemoteError, SwarmError
 from .routing import Hop, Route
 from .transport import Connection
 from .verify import VerifyPolicy, arbitrate, judge, tolerance

@@ -21,16 +21,13 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=wire.Message)
 
 
-async def read_frame(reader: asyncio.StreamReader, decoder: wire.FrameDecoder, timeout: float | None) -> bytes | None:
+async def read_frame(reader: asyncio.StreamReader, max_frame: int, timeout: float | None) -> bytes | None:
     """The next frame body, None on a clean EOF between frames. Raises ProtocolError (fatal)
     for an oversized length and asyncio.IncompleteReadError for a frame cut short."""
     header = await _bounded(reader.readexactly(wire.HEADER.size), timeout, allow_eof=True)
     if header is None:
         return None
-    (n,) = wire.HEADER.unpack(header)
-    if n > decoder.max_frame:
-        raise ProtocolError(f"frame of {n} bytes exceeds the limit of {decoder.max_frame} bytes", fatal=True)
-    return await _bounded(reader.readexactly(n), timeout, allow_eof=False)
+    return await _bounded(reader.readexactly(wire.frame_length(header, max_frame)), timeout, allow_eof=False)
 
 
 async def _bounded(coro: Awaitable[bytes], timeout: float | None, allow_eof: bool) -> bytes | None:
@@ -52,7 +49,7 @@ class Connection:
         self.remote_id: str | None = None  # the verified peer id, when the link is secure
         self._reader = reader
         self._writer = writer
-        self._decoder = wire.FrameDecoder(max_frame)
+        self._max_frame = max_frame
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[wire.Message]] = {}
         self._closed: BaseException | None = None
@@ -113,7 +110,7 @@ class Connection:
         err: BaseException = PeerUnavailable(f"{self.peer} closed the connection", peer=self.peer)
         try:
             while True:
-                body = await read_frame(self._reader, self._decoder, None)
+                body = await read_frame(self._reader, self._max_frame, None)
                 if body is None:
                     break
                 msg = wire.decode_body(body)
@@ -166,7 +163,6 @@ async def serve_frames(
     """Answer requests on one connection until it closes. A frame that does not decode gets an
     Error reply and the connection goes on; a broken stream (oversized or cut frame, a sender
     too slow to finish a frame) closes it. Nothing here can take the server down."""
-    decoder = wire.FrameDecoder(max_frame)
     try:
         while True:
             try:
@@ -176,9 +172,10 @@ async def serve_frames(
                 if first is None:
                     return
                 rest = await _bounded(reader.readexactly(wire.HEADER.size - 1), frame_timeout, allow_eof=False)
-                (n,) = wire.HEADER.unpack(first + rest)
-                if n > max_frame:
-                    writer.write(wire.encode(wire.Error(0, "frame_too_large", f"frame of {n} bytes exceeds the limit of {max_frame} bytes")))
+                try:
+                    n = wire.frame_length(first + rest, max_frame)
+                except ProtocolError as e:
+                    writer.write(wire.encode(wire.Error(0, "frame_too_large", str(e))))
                     return
                 body = await _bounded(reader.readexactly(n), frame_timeout, allow_eof=False)
             except asyncio.TimeoutError:

@@ -11,7 +11,8 @@ Rules of the format:
 * A tensor is a map `{dtype, shape, data}` with raw little-endian bytes. The dtype comes from an
   allow-list and the byte count must equal the shape's. Nothing is ever unpickled.
 
-`FrameDecoder` never touches a socket (like h11): feed it bytes, take messages out.
+Nothing here touches a socket (like h11): `frame_length`, `decode_body` and `encode` take and give
+bytes; `swarm.transport` reads them off the stream.
 """
 
 from __future__ import annotations
@@ -222,37 +223,13 @@ def decode_body(body: bytes) -> Message:
     return cls.from_wire(obj)
 
 
-class FrameDecoder:
-    """Reassembles frames from a byte stream. Sans-IO: the caller feeds bytes it read."""
-
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self.max_frame = max_frame
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-
-    def next_body(self) -> bytes | None:
-        """The next whole frame body, or None until more bytes arrive. Raises on an oversized
-        length, which leaves the stream unusable."""
-        if len(self._buf) < HEADER.size:
-            return None
-        (n,) = HEADER.unpack_from(self._buf)
-        if n > self.max_frame:
-            raise ProtocolError(
-                f"frame of {n} bytes exceeds the limit of {self.max_frame} bytes", fatal=True
-            )
-        if len(self._buf) < HEADER.size + n:
-            return None
-        body = bytes(self._buf[HEADER.size : HEADER.size + n])
-        del self._buf[: HEADER.size + n]
-        return body
-
-    def pending_header(self) -> int | None:
-        """The announced length of a frame not yet complete (for readers that want exact reads)."""
-        if len(self._buf) < HEADER.size:
-            return None
-        return HEADER.unpack_from(self._buf)[0]
+def frame_length(header: bytes, max_frame: int) -> int:
+    """The body length a 4-byte frame header announces; a fatal ProtocolError past `max_frame`
+    (refused before a byte of the body is buffered: the stream can no longer be trusted)."""
+    (n,) = HEADER.unpack(header)
+    if n > max_frame:
+        raise ProtocolError(f"frame of {n} bytes exceeds the limit of {max_frame} bytes", fatal=True)
+    return n
 
 
 # --- the messages of the peer protocol ------------------------------------------------------------

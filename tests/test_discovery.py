@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from swarm import wire
 from swarm.gossip import GossipPush, GossipReply, PeerRecord

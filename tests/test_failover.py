@@ -3,7 +3,6 @@ real delay proxy, and SIGKILLed peers in the middle of an answer."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import socket
 import subprocess

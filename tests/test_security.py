@@ -15,14 +15,13 @@ import torch
 
 from swarm import wire
 from swarm.client import ClientConfig, SwarmClient
-from swarm.errors import RemoteError, SwarmError
+from swarm.errors import RemoteError
 from swarm.identity import Identity
 from swarm.prepare import prepare
-from swarm.secure import open_secure_connection
 from swarm.transport import Connection
 
 from .conftest import reference_generate, run, start_chain
-from .test_swarm import RawLink, _frame, _generate, attack
+from .test_swarm import RawLink, _generate, attack
 
 ROOT = Path(__file__).resolve().parent.parent
 

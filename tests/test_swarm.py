@@ -7,15 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from swarm import wire
 from swarm.client import ClientConfig, SwarmClient
-from swarm.prepare import prepare
-from swarm.sampling import SamplingConfig
 
 from .conftest import reference_generate, run, start_chain
 

@@ -131,14 +131,14 @@ def main() -> int:
 
     total_bytes = sum(b.bytes for b in m.blocks) + m.client.bytes
     print(f"model smollm2-135m fp32, prompt {len(ids)} tokens, {args.tokens} greedy tokens, {args.threads} torch threads per process")
-    print(f"| run | decode tokens/s | time to first token |")
-    print(f"| --- | --- | --- |")
+    print("| run | decode tokens/s | time to first token |")
+    print("| --- | --- | --- |")
     print(f"| transformers generate(), one process | {hf_tps:.1f} | {hf_ttft * 1000:.0f} ms |")
     print(f"| swarm, {args.peers} peers on loopback (TLS) | {r.decode_tokens_per_s:.1f} | {r.ttft_s * 1000:.0f} ms |")
     print(f"ratio swarm / transformers: {r.decode_tokens_per_s / hf_tps:.3f}")
     print()
     print(f"| peer | blocks | block files | resident memory | resident above the runtime ({baseline:.0f} MiB) |")
-    print(f"| --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- |")
     for (p, rss), (s, e) in zip(mem, spans):
         blocks = sum(b.bytes for b in m.blocks[s:e])
         print(f"| {p.peer_id[:10]} | {s}:{e} | {blocks / 2**20:.0f} MiB | {rss:.0f} MiB | {rss - baseline:.0f} MiB |")
