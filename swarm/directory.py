@@ -25,6 +25,18 @@ from .transport import Connection
 log = logging.getLogger("swarm.directory")
 
 
+async def ask_peer(addr: str, identity: Identity | None = None, expected: str | None = None,
+                   swarm_key: Any = None, timeout: float = 5.0) -> list[dict]:
+    """A peer's own record and its table of live peers, as record maps (not yet verified)."""
+    host, port = split_addr(addr)
+    conn = await Connection.open(host, port, identity or Identity.generate(), expected, swarm_key, timeout)
+    try:
+        reply = await conn.request(lambda rid: wire.GetInfo(rid), timeout=timeout, expect=wire.Info)
+    finally:
+        await conn.close()
+    return [reply.peer, *reply.known]
+
+
 def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -109,14 +121,7 @@ class Directory:
                 out[rec.peer_id] = rec
 
     async def ask(self, addr: str, expected: str | None = None) -> list[dict]:
-        """A peer's own record and its table of live peers."""
-        host, port = split_addr(addr)
-        conn = await Connection.open(host, port, self.identity, expected, self.swarm_key, self.connect_timeout)
-        try:
-            reply = await conn.request(lambda rid: wire.GetInfo(rid), timeout=self.connect_timeout, expect=wire.Info)
-        finally:
-            await conn.close()
-        return [reply.peer, *reply.known]
+        return await ask_peer(addr, self.identity, expected, self.swarm_key, self.connect_timeout)
 
     async def refresh(self, fanout: int = 3) -> None:
         """Ask a few peers for their tables; what none of them lists any more is gone."""

@@ -11,6 +11,7 @@ import time
 
 from swarm import wire
 from swarm.gossip import GossipPush, GossipReply, PeerRecord
+from swarm.directory import ask_peer
 from swarm.identity import Identity
 from swarm.transport import Connection
 
@@ -19,13 +20,7 @@ from .conftest import run
 
 async def _table(addr: str) -> set[str]:
     """The peer ids a live peer lists (itself included)."""
-    host, port = addr.rsplit(":", 1)
-    conn = await Connection.open(host, int(port), Identity.generate(), timeout=5)
-    try:
-        info = await conn.request(lambda rid: wire.GetInfo(rid), timeout=5)
-    finally:
-        await conn.close()
-    return {info.peer["peer_id"], *(r["peer_id"] for r in info.known)}
+    return {r["peer_id"] for r in await ask_peer(addr)}
 
 
 def tables(peers) -> dict[str, set[str]]:

@@ -13,7 +13,7 @@ import pytest
 from peers.fetch import FetchConfig, Fetcher, fetch_manifest, install_manifest
 from peers.selection import coverage, holdings
 from peers.transfer import Chunk, GetChunk
-from swarm import wire
+from swarm.directory import ask_peer
 from swarm.client import ClientConfig, SwarmClient
 from swarm.errors import RemoteError
 from swarm.gossip import PeerRecord
@@ -43,13 +43,7 @@ def holder(p, m: Manifest) -> Holder:
 
 
 async def _info(addr: str) -> list[PeerRecord]:
-    host, port = addr.rsplit(":", 1)
-    conn = await Connection.open(host, int(port), Identity.generate(), timeout=5)
-    try:
-        info = await conn.request(lambda rid: wire.GetInfo(rid), timeout=5)
-    finally:
-        await conn.close()
-    return [PeerRecord.from_wire(r) for r in (info.peer, *info.known)]
+    return [PeerRecord.from_wire(r) for r in await ask_peer(addr)]
 
 
 def table(addr: str) -> list[PeerRecord]:

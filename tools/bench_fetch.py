@@ -42,13 +42,12 @@ def main() -> int:
 
     from peers.fetch import FetchConfig, Fetcher, fetch_manifest, install_manifest
     from peers.selection import coverage, holdings
-    from swarm import wire
+    from swarm.directory import ask_peer
     from swarm.gossip import PeerRecord
     from swarm.identity import Identity
     from swarm.local import LocalSwarm
     from swarm.manifest import DEFAULT_MODEL
     from swarm.prepare import prepare
-    from swarm.transport import Connection
 
     m = prepare(DEFAULT_MODEL)
     n = args.blocks
@@ -56,13 +55,7 @@ def main() -> int:
     common = ["--no-mdns", "--threads", "1"]
 
     async def table(addr: str) -> list[PeerRecord]:
-        host, port = addr.rsplit(":", 1)
-        c = await Connection.open(host, int(port), Identity.generate(), timeout=5)
-        try:
-            info = await c.request(lambda rid: wire.GetInfo(rid), timeout=5)
-        finally:
-            await c.close()
-        return [PeerRecord.from_wire(r) for r in (info.peer, *info.known)]
+        return [PeerRecord.from_wire(r) for r in await ask_peer(addr)]
 
     class Src:
         def __init__(self, p) -> None:

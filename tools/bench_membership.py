@@ -23,17 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 
 async def _table(addr: str) -> set[str]:
-    from swarm import wire
-    from swarm.identity import Identity
-    from swarm.transport import Connection
+    from swarm.directory import ask_peer
 
-    host, port = addr.rsplit(":", 1)
-    conn = await Connection.open(host, int(port), Identity.generate(), timeout=5)
-    try:
-        info = await conn.request(lambda rid: wire.GetInfo(rid), timeout=5)
-    finally:
-        await conn.close()
-    return {info.peer["peer_id"], *(r["peer_id"] for r in info.known)}
+    return {r["peer_id"] for r in await ask_peer(addr)}
 
 
 def agree(peers, expected: set[str]) -> bool:
