@@ -220,7 +220,7 @@ class PeerServer:
             )
         if msg.dtype not in wire.WIRE_DTYPES:
             raise SessionError("bad_dtype", f"dtype {msg.dtype!r} not allowed (allowed: {', '.join(wire.WIRE_DTYPES)})")
-        s = self.sessions.open(conn, caller, msg.start, msg.end, msg.max_length, msg.dtype, self.span.new_cache(), time.monotonic())
+        s = self.sessions.open(conn, caller, msg.start, msg.end, msg.max_length, msg.dtype, self.span.new_cache(msg.max_length), time.monotonic())
         s.span = self.span  # a session keeps its blocks until it closes, even if the peer moves
         return wire.SessionOpened(msg.id, session=s.id)
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .compute import tune_openmp
+
+tune_openmp()  # before anything loads torch (see swarm/compute.py)
+
 __all__ = ["DistributedModelForCausalLM"]
 
 

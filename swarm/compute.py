@@ -7,17 +7,36 @@ Measured here (2 cores, SmolLM2's 10 blocks, one row): 11.8 ms a step from one t
 a second thread had run torch, on either thread. So the peer's blocks, the client's head, model
 loading and preparation all run on this one worker thread, and the event loop only touches
 tensors too small to go parallel (frames, one-row checks).
+
+Second, how long OpenMP's workers spin after a step (`tune_openmp`, below): several swarm processes
+share the cores of one machine in turn, and a worker spinning for nothing slows the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+
+# How long an OpenMP worker spins for more work before it sleeps. libgomp's default, 300,000
+# rounds of `pause`, is ~16 ms on CPUs whose pause takes ~140 cycles (Intel since Skylake-SP): after
+# each step a peer's worker burns a core that long, while the next process on the machine (the next
+# peer of a local swarm, or the client's head) wants it. 30,000 rounds still bridge the gaps between
+# the parallel ops of one step. Measured (2 cores, 3 peers, SmolLM2 fp32, tools/bench_decode.py):
+# 17.4 -> 21-22 tokens/s; 5,000-10,000 are slower again (workers fall asleep inside a step).
+SPIN_ROUNDS = "30000"
+
+
+def tune_openmp() -> None:
+    """Set GOMP_SPINCOUNT unless the user chose an OpenMP wait policy. It must happen before torch
+    loads libgomp, so `swarm/__init__.py` calls this."""
+    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_ROUNDS
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
 

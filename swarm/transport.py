@@ -34,7 +34,8 @@ async def _bounded(coro: Awaitable[bytes], timeout: float | None, allow_eof: boo
     try:
         if timeout is None:
             return await coro
-        return await asyncio.wait_for(coro, timeout)
+        async with asyncio.timeout(timeout):  # no task per read, unlike wait_for
+            return await coro
     except asyncio.IncompleteReadError as e:
         if allow_eof and not e.partial:
             return None
@@ -93,7 +94,8 @@ class Connection:
             self._writer.write(wire.encode(msg_factory(rid)))
             if self._writer.transport.get_write_buffer_size() > 1 << 20:
                 await self._writer.drain()
-            reply = await asyncio.wait_for(fut, timeout) if timeout else await fut
+            async with asyncio.timeout(timeout):
+                reply = await fut
         except asyncio.TimeoutError:
             raise PeerUnavailable(f"{self.peer} did not answer within {timeout:.1f}s", peer=self.peer) from None
         except (ConnectionError, OSError) as e:

@@ -124,3 +124,33 @@ def test_rewinding_a_cache_recomputes_the_same_rows(tiny_model: Path) -> None:
     torch.testing.assert_close(span.forward(x[:, 4:5], 4, cache), step, rtol=0, atol=0)
     rewind(cache, 0, span.start)
     torch.testing.assert_close(span.forward(x[:, :4], 0, cache), first, rtol=0, atol=0)
+
+
+def test_the_appending_cache_gives_transformers_dynamic_cache_bits(tiny_model: Path) -> None:
+    """Peers' caches write each step into spare room (swarm.blocks._growing_layer_class) instead of
+    concatenating: through growth past that room, and a rewind, the outputs must be the same bits
+    as with transformers' own DynamicCache."""
+    from transformers import DynamicCache
+
+    from swarm.blocks import rewind
+
+    m = prepare(str(tiny_model))
+    span = BlockSpan.load(m, 0, m.num_blocks)
+    ours, theirs = span.new_cache(max_length=100), DynamicCache(config=span.config)
+    assert type(ours.layers[0]).__name__ == "GrowingLayer"
+    torch.manual_seed(0)
+    x = torch.randn(1, 100, m.hidden_size)
+    a = [span.forward(x[:, :30], 0, ours)]
+    b = [span.forward(x[:, :30], 0, theirs)]
+    for pos in range(30, 100):  # one row at a time, past the first room of 64 rows
+        if pos == 70:  # a retried step
+            rewind(ours, 66, span.start)
+            rewind(theirs, 66, span.start)
+            a.append(span.forward(x[:, 66:70], 66, ours))
+            b.append(span.forward(x[:, 66:70], 66, theirs))
+        a.append(span.forward(x[:, pos : pos + 1], pos, ours))
+        b.append(span.forward(x[:, pos : pos + 1], pos, theirs))
+    assert span.cache_length(ours) == span.cache_length(theirs) == 100
+    assert ours.layers[0]._room[0].shape[-2] == 100  # room capped at the session's max_length
+    for got, want in zip(a, b):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -1,10 +1,16 @@
 """Decode speed: transformers `generate()` on the whole model in one process against the swarm with
 3 local peers (real processes on 127.0.0.1), same model, prompt, threads and 128 greedy tokens.
 
-    python tools/bench_decode.py [--tokens 128] [--threads 2] [--peers 3] [--repeat 2]
+    python tools/bench_decode.py [--tokens 128] [--threads 2] [--peers 3] [--rounds 5]
 
-Prints tokens/s of both and their ratio, time to first token, and each peer's resident memory
-against the bytes of its blocks (a peer holding a third of the blocks must not hold the model).
+The two sides take turns, one generation each per round, so a change in the machine's speed (a
+shared VM drifts by 10% within minutes) falls on both alike. Prints the median tokens/s of each
+side, their ratio, time to first token, and each peer's resident memory against the bytes of its
+blocks (a peer holding a third of the blocks must not hold the model).
+
+transformers runs in processes of its own, with the environment it would have without swarm, and
+a second time with the OpenMP spin setting swarm gives its own processes (swarm/compute.py), to
+show the setting is no handicap of the baseline.
 """
 
 from __future__ import annotations
@@ -12,12 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+ORIGINAL_ENV = dict(os.environ)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from swarm.compute import SPIN_ROUNDS  # noqa: E402  (importing swarm sets GOMP_SPINCOUNT)
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -29,7 +39,8 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def bench_transformers(ids: list[int], tokens: int, threads: int, repeat: int) -> tuple[float, float]:
+def transformers_worker(ids: list[int], tokens: int, threads: int) -> None:
+    """Load the whole model once, then time one generation per line read from stdin."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -40,8 +51,8 @@ def bench_transformers(ids: list[int], tokens: int, threads: int, repeat: int) -
     model = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
     x = torch.tensor([ids])
     model.generate(x, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
-    best_tps, best_ttft = 0.0, float("inf")
-    for _ in range(repeat):
+    print("READY", flush=True)
+    for _ in sys.stdin:
         t0 = time.perf_counter()
         model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False)
         ttft = time.perf_counter() - t0
@@ -50,9 +61,35 @@ def bench_transformers(ids: list[int], tokens: int, threads: int, repeat: int) -
         dt = time.perf_counter() - t0
         n = out.shape[1] - len(ids)
         # decode rate: all tokens after the first, over the time after the first
-        best_tps = max(best_tps, (n - 1) / (dt - ttft))
-        best_ttft = min(best_ttft, ttft)
-    return best_tps, best_ttft
+        print(f"RESULT {(n - 1) / (dt - ttft)} {ttft}", flush=True)
+
+
+class Baseline:
+    """A transformers worker process (above), asked for one timed generation at a time."""
+
+    def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
+        cmd = [sys.executable, __file__, "--transformers-worker", "--tokens", str(args.tokens), "--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._expect("READY")
+
+    def _expect(self, word: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(word):
+                return line
+        raise SystemExit(f"the transformers worker exited ({self.proc.wait()}) before printing {word}")
+
+    def run(self) -> tuple[float, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        tps, ttft = self._expect("RESULT").split()[1:]
+        return float(tps), float(ttft)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
 
 
 async def bench_swarm_warm(addr: str) -> None:
@@ -70,18 +107,13 @@ async def bench_swarm_warm(addr: str) -> None:
     await conn.close()
 
 
-async def bench_swarm(addrs: list[str], ids: list[int], tokens: int, threads: int, repeat: int):
+async def open_client(addrs: list[str], ids: list[int], threads: int):
     from swarm.client import ClientConfig, SwarmClient
 
     cfg = ClientConfig(bootstrap=tuple(addrs), mdns=False, torch_threads=threads)
-    async with await SwarmClient.connect(cfg) as client:
-        await client.generate(ids, 8, stop_at_eos=False)  # warm-up: connections, RTTs
-        best = None
-        for _ in range(repeat):
-            r = await client.generate(ids, tokens, stop_at_eos=False)
-            if best is None or r.decode_tokens_per_s > best.decode_tokens_per_s:
-                best = r
-        return best
+    client = await SwarmClient.connect(cfg)
+    await client.generate(ids, 8, stop_at_eos=False)  # warm-up: connections, RTTs
+    return client
 
 
 def main() -> int:
@@ -89,8 +121,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="torch threads, the same in every process")
     ap.add_argument("--peers", type=int, default=3)
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each side; the best is reported")
-    ap.add_argument("--transformers-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=5, help="turns of each side; medians are reported")
+    ap.add_argument("--transformers-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
@@ -106,36 +138,64 @@ def main() -> int:
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
     ids = list(ids if isinstance(ids, list) else ids["input_ids"])
 
-    if args.transformers_only:  # the baseline, in a process of its own (see below)
-        tps, ttft = bench_transformers(ids, args.tokens, args.threads, args.repeat)
-        print(f"RESULT {tps} {ttft}")
+    if args.transformers_worker:
+        transformers_worker(ids, args.tokens, args.threads)
         return 0
 
+    # transformers runs in processes of its own: one process running torch from two threads (our
+    # client's torch thread, then the caller's) makes OpenMP stop spinning (swarm/compute.py).
+    # `import swarm` set GOMP_SPINCOUNT for us unless the user had; the plain baseline gets the
+    # environment it would have had without swarm.
+    plain_env = dict(os.environ)
+    if os.environ.get("GOMP_SPINCOUNT") == SPIN_ROUNDS and "GOMP_SPINCOUNT" not in ORIGINAL_ENV:
+        plain_env.pop("GOMP_SPINCOUNT")
     spans = thirds(m.num_blocks, args.peers)
+    sides = ["transformers", "transformers+spin", "swarm"]
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
     with LocalSwarm() as swarm:
         peers = swarm.start_many([["--blocks", f"{s}:{e}", "--no-mdns", "--threads", str(args.threads)] for s, e in spans])
-        r = asyncio.run(bench_swarm([p.addr for p in peers], ids, args.tokens, args.threads, args.repeat))
+        baselines = {"transformers": Baseline(args, plain_env), "transformers+spin": Baseline(args, dict(os.environ))}
+
+        async def rounds() -> None:
+            client = await open_client([p.addr for p in peers], ids, args.threads)
+            try:
+                for i in range(args.rounds):
+                    r = await client.generate(ids, args.tokens, stop_at_eos=False)
+                    runs["swarm"].append((r.decode_tokens_per_s, r.ttft_s))
+                    for name, b in baselines.items():
+                        runs[name].append(await asyncio.to_thread(b.run))
+                    print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f}" for k, v in runs.items()) + " tokens/s", flush=True)
+            finally:
+                await client.close()
+
+        try:
+            asyncio.run(rounds())
+        finally:
+            for b in baselines.values():
+                b.close()
         mem = [(p, rss_mib(p.pid)) for p in peers]
         # the runtime's own share (python, torch, transformers): a peer of one block, less that block
         one = swarm.start(["--blocks", "0:1", "--no-mdns", "--threads", "1"])
         asyncio.run(bench_swarm_warm(one.addr))
         baseline = rss_mib(one.pid) - m.blocks[0].bytes / 2**20
-    # transformers runs in a fresh process: once a process has run torch from two threads (our
-    # client's torch thread, then this one), OpenMP stops spinning and every op slows down
-    # (swarm/compute.py), which would handicap the baseline
-    out = subprocess.run(
-        [sys.executable, __file__, "--transformers-only", "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeat", str(args.repeat)],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    hf_tps, hf_ttft = (float(x) for x in out.split("RESULT", 1)[1].split())
 
+    def med(name: str, i: int) -> float:
+        return statistics.median(r[i] for r in runs[name])
+
+    hf_tps = med("transformers", 0)
     total_bytes = sum(b.bytes for b in m.blocks) + m.client.bytes
-    print(f"model smollm2-135m fp32, prompt {len(ids)} tokens, {args.tokens} greedy tokens, {args.threads} torch threads per process")
+    print()
+    print(f"model smollm2-135m fp32, prompt {len(ids)} tokens, {args.tokens} greedy tokens, {args.threads} torch threads "
+          f"per process, medians of {args.rounds} alternating rounds")
     print("| run | decode tokens/s | time to first token |")
     print("| --- | --- | --- |")
-    print(f"| transformers generate(), one process | {hf_tps:.1f} | {hf_ttft * 1000:.0f} ms |")
-    print(f"| swarm, {args.peers} peers on loopback (TLS) | {r.decode_tokens_per_s:.1f} | {r.ttft_s * 1000:.0f} ms |")
-    print(f"ratio swarm / transformers: {r.decode_tokens_per_s / hf_tps:.3f}")
+    print(f"| transformers generate(), one process | {hf_tps:.1f} | {med('transformers', 1) * 1000:.0f} ms |")
+    print(f"| same, GOMP_SPINCOUNT={SPIN_ROUNDS} as in swarm's processes | {med('transformers+spin', 0):.1f} | "
+          f"{med('transformers+spin', 1) * 1000:.0f} ms |")
+    print(f"| swarm, {args.peers} peers on loopback (TLS) | {med('swarm', 0):.1f} | {med('swarm', 1) * 1000:.0f} ms |")
+    ratios = [s[0] / h[0] for s, h in zip(runs["swarm"], runs["transformers"])]
+    print(f"ratio swarm / transformers: {med('swarm', 0) / hf_tps:.3f} (per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+          f"against the spin-set baseline {med('swarm', 0) / med('transformers+spin', 0):.3f})")
     print()
     print(f"| peer | blocks | block files | resident memory | resident above the runtime ({baseline:.0f} MiB) |")
     print("| --- | --- | --- | --- | --- |")
