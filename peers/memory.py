@@ -25,6 +25,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANT_MODES = ("none", "int8", "nf4")  # the same as swarm.quant's, without importing torch here
 CACHE_FRACTION = 0.25  # the least share of --max-memory kept for the KV cache
 NF4_BLOCKSIZE = 64  # weights per nf4 scale (swarm.quant.NF4_BLOCKSIZE)
+NF4_INT8_LINEARS = ("k_proj", "v_proj", "down_proj")  # int8 inside an nf4 block (swarm.quant's)
 
 _UNITS = {
     "": 1, "b": 1,
@@ -49,19 +50,30 @@ def _head_dim(cfg: dict[str, Any]) -> int:
     return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
-def block_params(cfg: dict[str, Any]) -> tuple[int, int, int]:
-    """(linear weight params, linear output rows, other params) of one Llama-family decoder block.
-
-    Linear weights are what quantization shrinks; each output row of an int8 layer has one scale.
-    The rest (RMSNorm weights, biases) stays in the peer's dtype."""
+def linear_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(out, in) features of each linear of a Llama-family decoder block."""
     h = int(cfg["hidden_size"])
     inter = int(cfg["intermediate_size"])
     nq = int(cfg["num_attention_heads"])
     nkv = int(cfg.get("num_key_value_heads") or nq)
     hd = _head_dim(cfg)
     q, kv = nq * hd, nkv * hd
-    linear = h * q + 2 * h * kv + q * h + 3 * h * inter  # q, k, v, o; gate, up, down
-    rows = q + 2 * kv + h + 2 * inter + h
+    return {
+        "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+        "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter),
+    }
+
+
+def block_params(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """(linear weight params, linear output rows, other params) of one Llama-family decoder block.
+
+    Linear weights are what quantization shrinks; each output row of an int8 layer has one scale.
+    The rest (RMSNorm weights, biases) stays in the peer's dtype."""
+    shapes = linear_shapes(cfg)
+    linear = sum(o * i for o, i in shapes.values())
+    rows = sum(o for o, _ in shapes.values())
+    h, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    q, kv = shapes["q_proj"][0], shapes["k_proj"][0]
     other = 2 * h  # input and post-attention RMSNorm
     if cfg.get("attention_bias"):
         other += q + 2 * kv + h
@@ -70,8 +82,9 @@ def block_params(cfg: dict[str, Any]) -> tuple[int, int, int]:
     return linear, rows, other
 
 
-def block_bytes(cfg: dict[str, Any], dtype: str, quant: str) -> int:
-    """Bytes of one block's weights held as `dtype` with `quant`.
+def block_bytes(cfg: dict[str, Any], dtype: str, quant: str, block: int = 1, num_blocks: int = 3) -> int:
+    """Bytes of the weights of block `block` (of `num_blocks`) held as `dtype` with `quant`; the
+    default position is a middle block (nf4 keeps the end blocks in int8: swarm.quant.linear_mode).
 
     int8: one byte per weight and a float32 scale per output row (LLM.int8()'s SCB).
     nf4: half a byte per weight and, per NF4_BLOCKSIZE weights, a float32 scale: an upper bound
@@ -81,12 +94,21 @@ def block_bytes(cfg: dict[str, Any], dtype: str, quant: str) -> int:
     if quant not in QUANT_MODES:
         raise ModelError(f"unknown quantization {quant!r} (choose from {', '.join(QUANT_MODES)})")
     size = DTYPE_BYTES[dtype]
-    linear, rows, other = block_params(cfg)
+    linear, _, other = block_params(cfg)
     if quant == "none":
         return (linear + other) * size
-    if quant == "int8":
-        return linear + 4 * rows + other * size
-    return linear // 2 + 4 * -(-linear // NF4_BLOCKSIZE) + other * size
+    total = other * size
+    for name, (o, i) in linear_shapes(cfg).items():
+        if quant == "int8" or block in (0, num_blocks - 1) or name in NF4_INT8_LINEARS:
+            total += o * i + 4 * o
+        else:
+            total += o * i // 2 + 4 * -(-o * i // NF4_BLOCKSIZE)
+    return total
+
+
+def span_bytes(cfg: dict[str, Any], dtype: str, quant: str, start: int, end: int, num_blocks: int) -> int:
+    """Bytes of the weights of blocks [start, end)."""
+    return sum(block_bytes(cfg, dtype, quant, b, num_blocks) for b in range(start, end))
 
 
 def kv_bytes_per_token(cfg: dict[str, Any], dtype: str) -> int:
@@ -108,13 +130,18 @@ def plan_capacity(max_memory: int, manifest: Manifest, dtype: str, quant: str, s
     cfg = manifest.config
     if not 0 <= start < manifest.num_blocks:
         raise ModelError(f"start block {start} is outside the model's {manifest.num_blocks} blocks")
-    per_block = block_bytes(cfg, dtype, quant)
     weights_budget = max_memory - int(max_memory * CACHE_FRACTION)
-    n = min(manifest.num_blocks - start, weights_budget // per_block)
+    n, used = 0, 0
+    while start + n < manifest.num_blocks:
+        more = block_bytes(cfg, dtype, quant, start + n, manifest.num_blocks)
+        if used + more > weights_budget:
+            break
+        n, used = n + 1, used + more
     if n < 1:
+        first = block_bytes(cfg, dtype, quant, start, manifest.num_blocks)
         raise ModelError(
-            f"--max-memory {max_memory} bytes does not hold one block ({per_block} bytes as {dtype}/{quant}) "
+            f"--max-memory {max_memory} bytes does not hold one block ({first} bytes as {dtype}/{quant}) "
             f"and its cache; give more memory, or try --quant int8 or nf4"
         )
-    tokens = cache_tokens_for(max_memory - n * per_block, n, cfg, dtype)
+    tokens = cache_tokens_for(max_memory - used, n, cfg, dtype)
     return n, tokens

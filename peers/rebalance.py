@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarm import compute
-from swarm.blocks import BlockSpan, parse_dtype
+from swarm.blocks import BlockSpan
 from swarm.identity import Identity
-from swarm.quant import check_mode, quantize_block, weight_bytes
+from swarm.quant import block_hook, weight_bytes
 
 from .fetch import FetchConfig
 from .join import fetch_blocks
@@ -97,10 +97,7 @@ class Rebalancer:
         log.info("moving from blocks %d:%d to %d:%d (uncovered blocks there)", *old, *target)
         records = s.membership.known()
         await fetch_blocks(s.manifest, target, records, self._identity, self.config.fetch, self.swarm_key)
-        on_block = None
-        if check_mode(s.config.quant) != "none":
-            compute_dtype = parse_dtype(s.config.dtype)
-            on_block = lambda i, layer: quantize_block(layer, s.config.quant, compute_dtype)  # noqa: E731
+        on_block = block_hook(s.config.quant, s.config.dtype, s.manifest.num_blocks)
         span = await compute.run(BlockSpan.load, s.manifest, target[0], target[1], s.config.dtype, on_block, None, s.config.device)
         s.span = span  # new sessions use it; open ones keep theirs (Session.span)
         s.weight_bytes = weight_bytes(span.layers)

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm import compute, wire
-from swarm.blocks import BlockSpan, parse_dtype, rewind
+from swarm.blocks import BlockSpan, rewind
 from swarm.errors import ProtocolError, SwarmError
 from swarm.secure import SwarmKey, accept_secure, server_context
 from swarm.identity import Identity
 from swarm.manifest import Manifest
-from swarm.quant import check_mode, quantize_block, weight_bytes
+from swarm.quant import block_hook, weight_bytes
 from swarm.transport import serve_frames
 
 from .gate import ConnectionGate, GateLimits
@@ -79,10 +79,7 @@ class PeerServer:
         if config.torch_threads:
             compute.set_threads(config.torch_threads)
         if span is None:
-            on_block = None
-            if check_mode(config.quant) != "none":
-                compute_dtype = parse_dtype(config.dtype)
-                on_block = lambda i, layer: quantize_block(layer, config.quant, compute_dtype)  # noqa: E731
+            on_block = block_hook(config.quant, config.dtype, manifest.num_blocks)
             span = await compute.run(
                 BlockSpan.load, manifest, config.start, config.end, config.dtype, on_block, None, config.device
             )

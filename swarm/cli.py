@@ -149,12 +149,12 @@ async def _join(args: argparse.Namespace) -> int:
     manifest, span = plan.manifest, plan.span
     max_cache_tokens = args.max_cache_tokens
     if args.max_memory is not None:  # quant: --max-memory sizes the span (auto) and the KV cache
-        from peers.memory import block_bytes, cache_tokens_for, plan_capacity
+        from peers.memory import cache_tokens_for, plan_capacity, span_bytes
 
         if args.blocks is None and args.max_blocks is None:  # plan_join chose a span of plan_capacity's size
             _, max_cache_tokens = plan_capacity(args.max_memory, manifest, args.dtype, args.quant, 0)
         else:
-            left = args.max_memory - (span[1] - span[0]) * block_bytes(manifest.config, args.dtype, args.quant)
+            left = args.max_memory - span_bytes(manifest.config, args.dtype, args.quant, span[0], span[1], manifest.num_blocks)
             max_cache_tokens = cache_tokens_for(left, span[1] - span[0], manifest.config, args.dtype)
             if max_cache_tokens < 1:
                 raise SwarmError(f"--max-memory does not hold blocks {span[0]}:{span[1]} as {args.dtype}/{args.quant}; use fewer blocks or --quant")

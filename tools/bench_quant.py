@@ -64,11 +64,10 @@ def accuracy(manifest, mode: str, ids: list[int], ref_logits):
     import torch
 
     from swarm.blocks import BlockSpan, Head
-    from swarm.quant import quantize_block, weight_bytes
+    from swarm.quant import block_hook, weight_bytes
 
     dtype, quant = MODES[mode]
-    hook = None if quant == "none" else (lambda i, layer: quantize_block(layer, quant, dtype))
-    span = BlockSpan.load(manifest, 0, manifest.num_blocks, dtype, on_block=hook)
+    span = BlockSpan.load(manifest, 0, manifest.num_blocks, dtype, on_block=block_hook(quant, dtype, manifest.num_blocks))
     head = Head.load(manifest)
     with torch.inference_mode():
         h = span.forward(head.embed_ids(ids), 0, span.new_cache()).float()

@@ -39,7 +39,7 @@ def main() -> int:
     from swarm.tiny import make_tiny_model
     from swarm.blocks import BlockSpan, Head
     from swarm.prepare import prepare
-    from swarm.quant import quantize_block
+    from swarm.quant import block_hook
     from swarm.verify import distance
 
     print(f"torch {torch.__version__}, device {args.device}"
@@ -56,8 +56,7 @@ def main() -> int:
     print("| format | distance from CPU float32 | greedy 16 ids equal transformers |")
     print("| --- | --- | --- |")
     for dtype, quant in (("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("float32", "nf4"), ("bfloat16", "nf4")):
-        hook = None if quant == "none" else (lambda i, layer, q=quant, d=dtype: quantize_block(layer, q, d))
-        span = BlockSpan.load(m, 0, m.num_blocks, dtype, on_block=hook, device=args.device)
+        span = BlockSpan.load(m, 0, m.num_blocks, dtype, on_block=block_hook(quant, dtype, m.num_blocks), device=args.device)
         got = span.forward(x, 0, span.new_cache()).to("cpu", torch.float32)
         d = distance(got, want)
         cache, toks, cur, pos = span.new_cache(), [], list(ids), 0
