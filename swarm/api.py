@@ -425,6 +425,8 @@ class ApiServer:
         return await self._complete(request, chat=False)
 
     def _prompt_ids(self, chat: bool) -> Callable[[dict[str, Any]], list[int]]:
+        from .client import chat_ids
+
         tok = self.client.tokenizer
 
         def encode(body: dict[str, Any]) -> list[int]:
@@ -432,8 +434,7 @@ class ApiServer:
                 msgs = parse_messages(body)
                 if tok is None or not getattr(tok, "chat_template", None):
                     raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
-                ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-                return list(ids if isinstance(ids, list) else ids["input_ids"])
+                return chat_ids(tok, msgs)
             prompt = parse_prompt(body)
             if isinstance(prompt, list):
                 vocab = int(getattr(self.client.head.config, "vocab_size", 0) or 0)

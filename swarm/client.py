@@ -104,7 +104,7 @@ class SwarmClient:
         if manifest is None:
             manifest = await compute.run(prepare, config.model)
         head = await compute.run(Head.load, manifest)
-        tokenizer = await compute.run(_load_tokenizer, manifest)
+        tokenizer = await compute.run(load_tokenizer, manifest)
         directory = Directory(
             manifest.model_hash, config.bootstrap, mdns=config.mdns, connect_timeout=config.connect_timeout,
             swarm_key=config.swarm_key, mdns_interfaces=config.mdns_interfaces,
@@ -221,10 +221,7 @@ class SwarmClient:
         if self.tokenizer is None:
             raise ModelError("this model has no tokenizer; pass token ids instead of text")
         if chat and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-            if not isinstance(ids, list):
-                ids = ids["input_ids"]
-            return list(ids)
+            return chat_ids(self.tokenizer, prompt)
         return list(self.tokenizer(prompt)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
@@ -336,7 +333,14 @@ class SwarmClient:
         )
 
 
-def _load_tokenizer(manifest: Manifest):
+def chat_ids(tokenizer, chat: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat (or one user message) in the model's template, the assistant's turn opened."""
+    messages = [{"role": "user", "content": chat}] if isinstance(chat, str) else chat
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])  # transformers 5 returns a BatchEncoding
+
+
+def load_tokenizer(manifest: Manifest):
     if not (manifest.root / "tokenizer_config.json").exists():
         return None
     from transformers import AutoTokenizer

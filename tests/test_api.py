@@ -167,11 +167,9 @@ def _openai(base: str, key: str = KEY):
 
 
 def _chat_ids(default_model) -> list[int]:
-    from transformers import AutoTokenizer
+    from swarm.client import chat_ids, load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(default_model.root)
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
-    return list(ids if isinstance(ids, list) else ids["input_ids"])
+    return chat_ids(load_tokenizer(default_model), PROMPT)
 
 
 def _sessions(peers) -> list[int]:

@@ -195,7 +195,6 @@ def test_auto_peers_cover_the_model_and_one_moves_into_a_gap(tiny_model, local_s
     victim = next(p for p in (p2, p3) if spans(p1.addr)[p.peer_id] != s4)
     hole = spans(p1.addr)[victim.peer_id]
     victim.kill(signal.SIGKILL)
-    t0 = time.monotonic()
     live = [p1, p2, p3, p4]
     live.remove(victim)
 

@@ -95,11 +95,9 @@ def test_float_weights_are_freed_and_bytes_counted(tiny_manifest, mode: str):
 
 
 def _chat_ids(manifest) -> list[int]:
-    from swarm.client import _load_tokenizer
+    from swarm.client import chat_ids, load_tokenizer
 
-    tok = _load_tokenizer(manifest)
-    out = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return chat_ids(load_tokenizer(manifest), "What is the capital of France?")
 
 
 def _greedy(span: BlockSpan, head: Head, ids: list[int], n: int) -> list[int]:

@@ -11,7 +11,7 @@ import os
 import ssl
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable
 
 import pytest
 from cryptography import x509
@@ -33,7 +33,6 @@ from swarm.secure import (
     load_swarm_key,
     make_certificate,
     open_secure_connection,
-    parse_swarm_key,
     peer_id_of_certificate,
     server_context,
     start_secure_server,

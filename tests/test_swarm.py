@@ -185,11 +185,9 @@ def test_bad_frames_get_errors_and_an_honest_session_is_unharmed(tiny_model, loc
 
 def test_the_default_model_through_three_peers_equals_transformers(default_model, default_reference, local_swarm) -> None:
     peers = start_chain(local_swarm(), "smollm2-135m", [(0, 10), (10, 20), (20, 30)])
-    from transformers import AutoTokenizer
+    from swarm.client import chat_ids, load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(default_model.root)
-    ids = tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True, tokenize=True)
-    ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+    ids = chat_ids(load_tokenizer(default_model), CHAT_PROMPT)
     want = reference_generate(default_reference, ids, 40)
     # through the CLI, as a user runs it
     out = subprocess.run(

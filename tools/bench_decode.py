@@ -128,15 +128,12 @@ def main() -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from transformers import AutoTokenizer
-
     from swarm.local import LocalSwarm, thirds
+    from swarm.client import chat_ids, load_tokenizer
     from swarm.prepare import prepare
 
     m = prepare("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(m.root)
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
-    ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+    ids = chat_ids(load_tokenizer(m), PROMPT)
 
     if args.transformers_worker:
         transformers_worker(ids, args.tokens, args.threads)

@@ -277,16 +277,13 @@ def main() -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from transformers import AutoTokenizer
-
     from swarm.local import LocalSwarm, thirds
+    from swarm.client import chat_ids, load_tokenizer
     from swarm.prepare import prepare
 
     random.seed(args.seed)
     m = prepare("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(m.root)
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
-    ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+    ids = chat_ids(load_tokenizer(m), PROMPT)
     spans = thirds(m.num_blocks, 3)
     logs = Path(tempfile.mkdtemp(prefix="bench-failover-"))
     with LocalSwarm(log_dir=logs) as local:

@@ -99,7 +99,7 @@ def main() -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
 
-    from swarm.client import _load_tokenizer
+    from swarm.client import load_tokenizer
     from swarm.local import LocalSwarm
     from swarm.prepare import prepare
 
@@ -107,7 +107,7 @@ def main() -> int:
     manifest = prepare("smollm2-135m")
     L = manifest.num_blocks
     modes = args.modes.split(",")
-    ids = _load_tokenizer(manifest)(PARAGRAPH)["input_ids"]
+    ids = load_tokenizer(manifest)(PARAGRAPH)["input_ids"]
     print(f"# accuracy text: {len(ids)} tokens; decode: {args.tokens} greedy tokens; peers with --threads {args.threads}", file=sys.stderr)
     ref_logits, _ = accuracy(manifest, "float32", ids, None)
 

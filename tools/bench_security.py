@@ -101,15 +101,12 @@ def main() -> int:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
-    from transformers import AutoTokenizer
-
     from swarm.local import thirds
+    from swarm.client import chat_ids, load_tokenizer
     from swarm.prepare import prepare
 
     m = prepare("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(m.root)
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True)
-    ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+    ids = chat_ids(load_tokenizer(m), PROMPT)
     spans = thirds(m.num_blocks, 3)
 
     # alternate the two modes so that drift in the machine's load hits both alike

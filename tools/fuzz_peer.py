@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import os
 import random
-import signal
 import statistics
 import struct
 import sys
@@ -497,7 +496,7 @@ class Fuzzer:
         from swarm import wire
 
         reader, writer = conn
-        sid, length, max_length, span = None, 0, 0, (0, BLOCKS)
+        sid, length, max_length = None, 0, 0
         closed_sid = None
         rid = 100
         for op in seq.ops:
@@ -551,7 +550,7 @@ class Fuzzer:
                 if got == "opened":
                     if sid is not None:
                         closed_sid = None
-                    sid, length, max_length, span = reply.session, 0, op.max_length, op.span
+                    sid, length, max_length = reply.session, 0, op.max_length
                 elif not (got == "error" and reply.code in ("overloaded", "too_many_sessions", "too_long")):
                     self.stats.find("wrong_reply", f"open {op.span} max_length {op.max_length}: {got} {getattr(reply, 'message', '')}")
             elif op.what == "close":
@@ -752,7 +751,6 @@ def main() -> int:
 
     model = make_tiny_model(tmp / "tiny")
     prepare(str(model))
-    findings_extra: list[str] = []
     swarm = LocalSwarm(log_dir=tmp / "logs")
     try:
         peer = swarm.start(["--model", str(model), "--blocks", f"0:{BLOCKS}", "--no-mdns", "--threads", "1",
