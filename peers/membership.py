@@ -22,6 +22,7 @@ from swarm.gossip import GossipConfig, GossipPush, GossipRecords, GossipReply, G
 from swarm.identity import Identity, short
 from swarm.mdns import Discovered, MdnsDiscovery, make_txt
 from swarm.secure import SwarmKey
+from swarm.tasks import TaskSet
 from swarm.transport import Connection
 
 log = logging.getLogger("swarm.gossip")
@@ -50,7 +51,7 @@ class Membership:
         # the table stretches heartbeat and timeouts with the swarm's size from these timings
         self.table = GossipTable(identity.peer_id, replace(config.gossip, heartbeat_s=config.heartbeat_s, round_s=config.round_s, fanout=config.fanout))
         self._conns: dict[str, Connection] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet()
         self._mdns: MdnsDiscovery | None = None
         self._version = 0
         self._rng = random.Random()
@@ -91,8 +92,8 @@ class Membership:
 
     async def start(self, port: int) -> None:
         self.heartbeat()
-        self._spawn(self._heartbeat_loop())
-        self._spawn(self._gossip_loop())
+        self._tasks.spawn(self._heartbeat_loop())
+        self._tasks.spawn(self._gossip_loop())
         if self.config.mdns:
             try:
                 mdns = MdnsDiscovery(self.identity.peer_id, interfaces=self.config.mdns_interfaces, on_found=self._on_found)
@@ -107,9 +108,7 @@ class Membership:
     async def leave(self, timeout: float = 2.0) -> None:
         """Sign a leave record and push it to as many peers as answer within `timeout`."""
         self._leaving = True
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._mdns is not None:
             try:
                 await asyncio.wait_for(self._mdns.stop(), timeout)
@@ -124,12 +123,6 @@ class Membership:
             )
         for c in self._conns.values():
             await c.close()
-
-    def _spawn(self, coro) -> asyncio.Task:
-        t = asyncio.create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -164,7 +157,7 @@ class Membership:
         if d.peer_id == self.identity.peer_id or d.peer_id in self.table:
             return
         log.info("found %s on the LAN at %s:%d", short(d.peer_id), d.host, d.port)
-        self._spawn(self._exchange(d.peer_id, (f"{d.host}:{d.port}",)))
+        self._tasks.spawn(self._exchange(d.peer_id, (f"{d.host}:{d.port}",)))
 
     # --- one exchange ----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from swarm.secure import SwarmKey, accept_secure, server_context
 from swarm.identity import Identity
 from swarm.manifest import Manifest
 from swarm.quant import block_hook, weight_bytes
+from swarm.tasks import TaskSet
 from swarm.transport import serve_frames
 
 from .gate import ConnectionGate, GateLimits
@@ -68,7 +69,7 @@ class PeerServer:
         self.ms_per_block = 0.0  # moving average of compute time per block per row
         self._conn_ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = TaskSet()
         self.port = config.port
         self.started = time.time()
         self.membership: Membership | None = None
@@ -89,7 +90,7 @@ class PeerServer:
             self._on_connect, config.host, config.port, ssl=server_context(identity), ssl_handshake_timeout=config.frame_timeout
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        self._spawn(self._expire_loop())
+        self._tasks.spawn(self._expire_loop())
         self.membership = Membership(identity, self.record_fields, config.membership, config.swarm_key)
         await self.membership.start(self.port)
         return self
@@ -98,21 +99,13 @@ class PeerServer:
     def address(self) -> str:
         return self.config.announce or f"{self.config.host}:{self.port}"
 
-    def _spawn(self, coro) -> asyncio.Task:
-        t = asyncio.create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
-
     async def close(self) -> None:
         """Leave the swarm cleanly: a signed leave record first, so others drop us at once."""
         if self.membership is not None:
             await self.membership.leave()
         if self._server:
             self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
 
     async def _calibrate(self) -> None:
         """Time one single-row step so the first record announces a real compute estimate."""

@@ -22,6 +22,7 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf, get_all_addresses
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from .identity import public_from_peer_id
+from .tasks import TaskSet
 from .wire import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class MdnsDiscovery:
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
         self._port = 0
-        self._tasks: set[asyncio.Task[None]] = set()  # resolutions in flight, owned here
+        self._tasks = TaskSet()  # resolutions in flight
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -114,10 +115,7 @@ class MdnsDiscovery:
         if self._browser is not None:
             await self._browser.async_cancel()
             self._browser = None
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._info is not None:
             await (await azc.async_unregister_service(self._info))
             self._info = None
@@ -160,9 +158,7 @@ class MdnsDiscovery:
             self.peers.pop(pid, None)
             return
         assert self._loop is not None
-        task = self._loop.create_task(self._resolve(name))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._resolve(name), self._loop)
 
     async def _resolve(self, name: str) -> None:
         if self._azc is None:
