@@ -60,6 +60,11 @@ def check_mode(mode: str) -> str:
 def _bnb():
     """bitsandbytes, imported on first use: a float peer never pays for it (nor for its
     warning about optional CPU kernels)."""
+    # on CPUs with AVX512-BF16 it looks for an optional kernel on the Hugging Face hub (package
+    # `kernels`) and logs its absence at import; its own kernel serves instead: not the user's news
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import bitsandbytes as bnb
