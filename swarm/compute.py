@@ -23,12 +23,12 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# How long an OpenMP worker spins for more work before it sleeps. libgomp's default, 300,000
-# rounds of `pause`, is ~16 ms on CPUs whose pause takes ~140 cycles (Intel since Skylake-SP): after
-# each step a peer's worker burns a core that long, while the next process on the machine (the next
-# peer of a local swarm, or the client's head) wants it. 30,000 rounds still bridge the gaps between
-# the parallel ops of one step. Measured (2 cores, 3 peers, SmolLM2 fp32, tools/bench_decode.py):
-# 17.4 -> 21-22 tokens/s; 5,000-10,000 are slower again (workers fall asleep inside a step).
+# How long an OpenMP worker spins for more work before it sleeps. With libgomp's default, 300,000
+# rounds of `pause`, a worker here burned 4-6 ms of CPU after each step (its schedstat), while the
+# next process on the machine (the next peer of a local swarm, or the client's head) wanted the
+# core; 30,000 rounds burn 0-3 ms and still bridge the gaps between the parallel ops of one step.
+# Measured (2 cores, 3 peers, SmolLM2 fp32, tools/bench_decode.py): 17.4 -> 21-23 tokens/s;
+# 5,000-10,000 are slower again (workers fall asleep inside a step and each op pays a wake-up).
 SPIN_ROUNDS = "30000"
 
 
@@ -37,6 +37,8 @@ def tune_openmp() -> None:
     loads libgomp, so `swarm/__init__.py` calls this."""
     if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = SPIN_ROUNDS
+
+
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
 
