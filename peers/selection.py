@@ -13,8 +13,9 @@ its measured throughput). Rules:
   leaving creates no new gap. Such peers are ranked by least throughput, then smallest id; every
   peer computes the same ranking from the same table, and the peer of rank k moves only once the
   gap is `k * patience` seconds old. So the first moves at once and alone (two replicas of one
-  span never leave together), and if it cannot move (a peer pinned with --blocks S:E, or one dead
-  but not yet suspected) the next takes over a little later. The driver (peers/rebalance.py) also
+  span never leave together), and if it cannot move (one dead but not yet suspected) the next
+  takes over a little later. Peers pinned with --blocks S:E say so in their record and are not
+  ranked at all. The driver (peers/rebalance.py) also
   requires the answer twice in a row and waits out a cool-down after each move.
 """
 
@@ -35,12 +36,13 @@ class Holding:
     start: int
     end: int  # one past the last block
     throughput: float = 0.0  # tokens/s over its span (0 when not measured yet)
+    pinned: bool = False  # serves a span it was told and never moves (PeerRecord.pinned)
 
 
 def holdings(records: Iterable, model_hash: str) -> list[Holding]:
     """`PeerRecord`s (or anything with the same fields) of `model_hash` as Holdings."""
     return [
-        Holding(r.peer_id, r.start, r.end, float(r.throughput))
+        Holding(r.peer_id, r.start, r.end, float(r.throughput), bool(getattr(r, "pinned", False)))
         for r in records
         if r.model_hash == model_hash and not getattr(r, "leaving", False)
     ]
@@ -73,9 +75,10 @@ def choose_span(held: Iterable[Holding], n_blocks: int, n: int) -> tuple[int, in
 
 
 def movers(held: list[Holding], n_blocks: int, min_replicas: int = 2) -> list[Holding]:
-    """Peers that could leave their span without uncovering a block, in the order they move."""
+    """Peers that could leave their span without uncovering a block, in the order they move.
+    Pinned peers never move, so nobody waits for them."""
     cov = coverage(held, n_blocks)
-    ok = [h for h in held if all(cov[b] >= min_replicas for b in range(max(0, h.start), min(n_blocks, h.end)))]
+    ok = [h for h in held if not h.pinned and all(cov[b] >= min_replicas for b in range(max(0, h.start), min(n_blocks, h.end)))]
     return sorted(ok, key=lambda h: (h.throughput, h.peer_id))
 
 

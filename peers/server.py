@@ -53,6 +53,7 @@ class PeerConfig:
     swarm_key: SwarmKey | None = None  # a private swarm's secret; None for the public swarm
     membership: MembershipConfig = field(default_factory=MembershipConfig)  # gossip and mDNS
     test_perturb: float = 0.0  # testing only: add this much relative noise to outputs (a liar)
+    pinned: bool = False  # started with an explicit span: it will not move to fill a gap
 
 
 class PeerServer:
@@ -133,7 +134,8 @@ class PeerServer:
             "throughput": 1000.0 / (self.ms_per_block * blocks) if self.ms_per_block else 0.0,
             "free_cache": self.sessions.free_tokens,
             "sessions": len(self.sessions.sessions),
-            "extra": {"num_blocks": self.manifest.num_blocks, "weight_bytes": self.weight_bytes},
+            "extra": {"num_blocks": self.manifest.num_blocks, "weight_bytes": self.weight_bytes}
+            | ({"pinned": True} if self.config.pinned else {}),
         }
 
     # --- connections ---------------------------------------------------------------------------

@@ -181,6 +181,7 @@ async def _join(args: argparse.Namespace) -> int:
         swarm_key=swarm_key,
         test_perturb=args.test_perturb,
         frame_timeout=args.frame_timeout,
+        pinned=args.blocks is not None,  # only auto peers rebalance (below): others should not wait on us
     )
     log.info("peer %s loading blocks %d:%d of %s", identity.short_id, span[0], span[1], manifest.name)
     server = await PeerServer.start(manifest, identity, config)

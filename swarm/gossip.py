@@ -187,6 +187,12 @@ class PeerRecord:
             raise ProtocolError(f"peer record: larger than {MAX_RECORD_BYTES} bytes")
         return rec
 
+    @property
+    def pinned(self) -> bool:
+        """The peer serves a span it was told (`--blocks S:E`) and never moves to fill a gap. Sent
+        among the extra fields, so an unpinned record is unchanged and older peers forward it."""
+        return dict(self.extra).get("pinned") is True
+
     def same_content(self, other: "PeerRecord") -> bool:
         """True when the two differ at most in version and signature: a bare heartbeat."""
         return self.extra == other.extra and all(

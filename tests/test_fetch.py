@@ -157,6 +157,9 @@ def test_a_peer_with_an_empty_home_joins_fetches_its_blocks_and_serves(tiny_mode
     own = next(r for r in table(c.addr) if r.peer_id == c.peer_id)
     assert own.model_hash == m.model_hash
     assert (own.start, own.end) in [(0, 3), (3, 6)]  # exactly one existing span, never a straddle
+    # the records say who may move to fill a gap: a and b were told their blocks, c chose
+    pinned = {r.peer_id: r.pinned for p in (a, b, c) for r in table(p.addr)}
+    assert pinned == {a.peer_id: True, b.peer_id: True, c.peer_id: False}
     got = Manifest.load(home / "models" / m.name)
     files = sorted(p.name for p in (got.root / "blocks").iterdir())
     assert files == [f"{i:05d}.safetensors" for i in range(own.start, own.end)]  # its blocks, only

@@ -84,6 +84,15 @@ def test_unknown_fields_are_kept_signed_and_forwarded() -> None:
     assert not PeerRecord.from_wire({**wire_form, "gpu": "a100"}).verify()
 
 
+def test_pinned_travels_signed_among_the_extra_fields() -> None:
+    assert not rec(IDS[0], 5).pinned  # an unpinned record carries nothing new
+    pinned = rec(IDS[0], 5, extra=(("pinned", True),))
+    again = PeerRecord.from_wire(msgpack.unpackb(msgpack.packb(pinned.to_wire(), use_bin_type=True), raw=False))
+    assert again.verify() and again.pinned
+    assert not PeerRecord.from_wire({**pinned.to_wire(), "pinned": False}).verify()  # nobody can unpin it
+    assert not replace(rec(IDS[0], 5), extra=(("pinned", "yes"),)).pinned  # only a true boolean pins
+
+
 @pytest.mark.parametrize(
     "field,value",
     [

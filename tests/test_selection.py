@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from peers.selection import Holding, choose_span, coverage, movers, should_move
+from peers.selection import Holding, choose_span, coverage, holdings, movers, should_move
 from swarm.routing import gaps
 
 
-def H(pid: str, s: int, e: int, tp: float = 1.0) -> Holding:
-    return Holding(pid, s, e, tp)
+def H(pid: str, s: int, e: int, tp: float = 1.0, pinned: bool = False) -> Holding:
+    return Holding(pid, s, e, tp, pinned)
 
 
 def test_empty_swarm_takes_the_first_blocks() -> None:
@@ -90,6 +90,20 @@ def test_exactly_one_replica_moves_to_the_gap() -> None:
     held = [H("x", 0, 2, 1.0), H("w", 0, 2, 1.0), H("d", 2, 4, 1.0)]
     assert should_move(held, "w", 6, 2) == (4, 6)
     assert should_move(held, "x", 6, 2) is None
+
+
+def test_pinned_peers_are_not_waited_for() -> None:
+    # a (the slower) is pinned with --blocks: b is first in line and moves at once, not 5 s later
+    held = [H("a", 0, 2, 3.0, pinned=True), H("b", 0, 2, 7.0), H("d", 2, 4, 1.0)]
+    assert [h.peer_id for h in movers(held, 6)] == ["b"]
+    assert should_move(held, "b", 6, 2) == (4, 6)
+    assert should_move(held, "a", 6, 2, gap_age=1e9) is None
+    # from gossip records: the flag comes from PeerRecord.pinned
+    from types import SimpleNamespace
+
+    recs = [SimpleNamespace(peer_id="a", start=0, end=2, throughput=3.0, model_hash="m", pinned=True),
+            SimpleNamespace(peer_id="b", start=0, end=2, throughput=7.0, model_hash="m", pinned=False)]
+    assert [h.pinned for h in holdings(recs, "m")] == [True, False]
 
 
 def test_a_peer_partly_redundant_does_not_move() -> None:
