@@ -25,7 +25,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANT_MODES = ("none", "int8", "nf4")  # the same as swarm.quant's, without importing torch here
 CACHE_FRACTION = 0.25  # the least share of --max-memory kept for the KV cache
 NF4_BLOCKSIZE = 64  # weights per nf4 scale (swarm.quant.NF4_BLOCKSIZE)
-NF4_INT8_LINEARS = ("k_proj", "v_proj", "down_proj")  # int8 inside an nf4 block (swarm.quant's)
 
 _UNITS = {
     "": 1, "b": 1,
@@ -97,9 +96,11 @@ def block_bytes(cfg: dict[str, Any], dtype: str, quant: str, block: int = 1, num
     linear, _, other = block_params(cfg)
     if quant == "none":
         return (linear + other) * size
+    from swarm.quant import linear_mode  # which linears nf4 keeps in int8: one rule, the loader's
+
     total = other * size
     for name, (o, i) in linear_shapes(cfg).items():
-        if quant == "int8" or block in (0, num_blocks - 1) or name in NF4_INT8_LINEARS:
+        if linear_mode(quant, name, block, num_blocks) == "int8":
             total += o * i + 4 * o
         else:
             total += o * i // 2 + 4 * -(-o * i // NF4_BLOCKSIZE)

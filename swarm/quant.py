@@ -2,10 +2,9 @@
 
 A peer that holds its blocks in int8 (LLM.int8(), `Linear8bitLt`) or nf4 (QLoRA's 4-bit
 NormalFloat, `Linear4bit`, mixed with int8: NF4_INT8_LINEARS) serves about 3.5x or 5.5x as many
-blocks in the same memory. Only the
-`nn.Linear` weights of a decoder layer are quantized (they are >99% of its bytes); norms stay in
-the peer's dtype. Quantization is per peer and invisible on the wire: hidden states arrive and leave
-as floats.
+blocks in the same memory. Only the `nn.Linear` weights of a decoder layer are quantized (they are
+>99% of its bytes); norms stay in the peer's dtype. Quantization is per peer and invisible on the
+wire: hidden states arrive and leave as floats.
 
 `quantize_block` is the `on_block` hook of `BlockSpan.load`: each block is quantized right after it
 is read, so loading never holds more than one float block next to the quantized rest. The float
