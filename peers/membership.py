@@ -161,6 +161,14 @@ class Membership:
 
     # --- one exchange ----------------------------------------------------------------------------
 
+    async def connection(self, peer_id: str) -> Connection:
+        """A link to a peer of the table, dialed at the addresses its signed record gives (never
+        at an address a caller names); shared with gossip."""
+        rec = self.table.get(peer_id)
+        if rec is None or peer_id == self.identity.peer_id:
+            raise SwarmError(f"peer {short(peer_id)} is not in this peer's table")
+        return await self._connect(peer_id, rec.addrs)
+
     async def _connect(self, peer_id: str | None, addrs: tuple[str, ...]) -> Connection:
         if peer_id is not None:
             c = self._conns.get(peer_id)

@@ -8,10 +8,12 @@ and other sessions' frames never wait behind a forward pass; steps are computed 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +22,7 @@ from swarm import compute, wire
 from swarm.blocks import BlockSpan, rewind
 from swarm.errors import ProtocolError, SwarmError
 from swarm.secure import SwarmKey, accept_secure, server_context
-from swarm.identity import Identity
+from swarm.identity import Identity, short
 from swarm.manifest import Manifest
 from swarm.quant import block_hook, weight_bytes
 from swarm.tasks import TaskSet
@@ -71,6 +73,8 @@ class PeerServer:
         self._conn_ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self._tasks = TaskSet()
+        self._writers: dict[int, asyncio.StreamWriter] = {}  # connection -> its stream
+        self._relayed: OrderedDict[tuple[str, int], int] = OrderedDict()  # (next peer, step) -> owner
         self.port = config.port
         self.started = time.time()
         self.membership: Membership | None = None
@@ -160,6 +164,7 @@ class PeerServer:
             self.gate.release(address)
 
     async def _serve(self, conn: int, caller: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers[conn] = writer  # pushed steps answer their session's owner here
         try:
             await serve_frames(
                 reader,
@@ -170,10 +175,11 @@ class PeerServer:
                 frame_timeout=self.config.frame_timeout,
             )
         finally:
+            self._writers.pop(conn, None)
             for s in self.sessions.close_owner(conn):
                 log.debug("session %d closed with its connection", s.id)
 
-    async def _handle(self, conn: int, caller: str, msg: wire.Message) -> wire.Message:
+    async def _handle(self, conn: int, caller: str, msg: wire.Message) -> wire.Message | None:
         try:
             if isinstance(msg, wire.Forward):
                 return await self._forward(conn, msg)
@@ -214,33 +220,78 @@ class PeerServer:
             raise SessionError("bad_dtype", f"dtype {msg.dtype!r} not allowed (allowed: {', '.join(wire.WIRE_DTYPES)})")
         s = self.sessions.open(conn, caller, msg.start, msg.end, msg.max_length, msg.dtype, self.span.new_cache(msg.max_length), time.monotonic())
         s.span = self.span  # a session keeps its blocks until it closes, even if the peer moves
-        return wire.SessionOpened(msg.id, session=s.id)
+        return wire.SessionOpened(msg.id, session=s.id, push_token=s.token)
 
-    async def _forward(self, conn: int, msg: wire.Forward) -> wire.Message:
-        s = self.sessions.get(conn, msg.session, time.monotonic())
+    async def _forward(self, conn: int, msg: wire.Forward) -> wire.Message | None:
+        """A step. Its answer goes back on `conn`, except for a push (a frame with a token, from
+        the peer before us): once the session is known, whatever comes of it is the owner's."""
+        now = time.monotonic()
+        s = self.sessions.pushed(msg.session, msg.token, now) if msg.token else self.sessions.get(conn, msg.session, now)
+        try:
+            reply = await self._run_step(s, msg)
+        except SessionError as e:
+            reply = wire.Error(msg.id, e.code, str(e))
+        if reply is not None and msg.token:
+            self._send_to(s.owner, reply)
+            return None
+        return reply
+
+    async def _run_step(self, s, msg: wire.Forward) -> wire.Message | None:
         h = msg.hidden
         if h.dim() != 3 or h.shape[0] != 1 or h.shape[2] != self.span.hidden_size or h.shape[1] < 1:
             raise SessionError("bad_shape", f"hidden must have shape [1, n>=1, {self.span.hidden_size}], got {list(h.shape)}")
         if wire.WIRE_DTYPES[s.dtype] != h.dtype:
             raise SessionError("bad_dtype", f"hidden is {h.dtype}, the session travels in {s.dtype}")
-        if msg.position < 0 or msg.position > s.length:
-            raise SessionError("bad_position", f"position {msg.position} is past the session's length {s.length}")
-        if msg.position + h.shape[1] > s.max_length:
-            raise SessionError("too_long", f"positions up to {msg.position + h.shape[1]} exceed the session's max_length {s.max_length}")
-        if s.busy:
-            raise SessionError("busy", "a step of this session is already running")
-        s.busy = True
-        try:
-            t0 = time.perf_counter()
-            out = await compute.run(self._step, s, msg.position, h)
-            dt = (time.perf_counter() - t0) * 1000
-        finally:
-            s.busy = False
-        s.length = msg.position + h.shape[1]
+        if len(msg.next) > wire.MAX_PUSH_HOPS or len(msg.carried) > wire.MAX_PUSH_HOPS:
+            raise SessionError("bad_request", f"a push may name at most {wire.MAX_PUSH_HOPS} hops")
+        if any(c.shape != h.shape or c.dtype != h.dtype for c in msg.carried):
+            raise SessionError("bad_shape", "carried rows must have the shape and dtype of hidden")
+        async with s.turn:  # a client's retry may arrive while a push of the same step still runs
+            if msg.position < 0 or msg.position > s.length:
+                raise SessionError("bad_position", f"position {msg.position} is past the session's length {s.length}")
+            if msg.token and msg.position != s.length:
+                raise SessionError("bad_position", f"a push cannot rewind: position {msg.position}, the session holds {s.length}")
+            if msg.position + h.shape[1] > s.max_length:
+                raise SessionError("too_long", f"positions up to {msg.position + h.shape[1]} exceed the session's max_length {s.max_length}")
+            s.busy = True
+            try:
+                t0 = time.perf_counter()
+                out = await compute.run(self._step, s, msg.position, h)
+                dt = (time.perf_counter() - t0) * 1000
+            finally:
+                s.busy = False
+            s.length = msg.position + h.shape[1]
         if h.shape[1] == 1:
             per_block = dt / (s.end - s.start)
             self.ms_per_block = 0.9 * self.ms_per_block + 0.1 * per_block if self.ms_per_block else per_block
-        return wire.ForwardResult(msg.id, hidden=out)
+        carried = (*msg.carried, h) if msg.next or msg.token else msg.carried
+        if not msg.next:
+            return wire.ForwardResult(msg.id, hidden=out, carried=carried)
+        nxt = msg.next[0]
+        try:
+            if self.membership is None:
+                raise SwarmError("this peer keeps no table of peers")
+            link = await self.membership.connection(nxt.peer)
+            link.on_unmatched = functools.partial(self._relay_error, nxt.peer)
+            link.send(wire.Forward(msg.id, nxt.session, msg.position, out, next=msg.next[1:], token=nxt.token, carried=carried))
+        except SwarmError as e:
+            raise SessionError("push_unreachable", f"could not hand on to {short(nxt.peer)}: {e}") from None
+        self._relayed[(nxt.peer, msg.id)] = s.owner
+        while len(self._relayed) > 4096:  # pushes that went well are never acknowledged
+            self._relayed.popitem(last=False)
+        return None
+
+    def _relay_error(self, peer: str, msg: wire.Message) -> None:
+        """The next peer refused a push before it knew the session (a wrong token, a session
+        gone): tell the client whose step it was."""
+        owner = self._relayed.pop((peer, msg.id), None)
+        if isinstance(msg, wire.Error) and owner is not None:
+            self._send_to(owner, wire.Error(msg.id, msg.code, f"{short(peer)}: {msg.message}"))
+
+    def _send_to(self, conn: int, msg: wire.Message) -> None:
+        writer = self._writers.get(conn)
+        if writer is not None and not writer.is_closing():
+            writer.write(wire.encode(msg))
 
     def _step(self, s, position: int, h: torch.Tensor) -> torch.Tensor:
         """On the torch thread (swarm.compute): check, rewind if asked, run the blocks."""

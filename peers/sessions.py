@@ -1,14 +1,18 @@
 """The peer's table of inference sessions and its limits. No I/O; time is passed in.
 
 A session belongs to the connection that opened it: only that caller can use it, and it ends
-when the connection does. Each session reserves `max_length` cache tokens up front, so the peer
+when the connection does. The one exception is a push: the peer before it on the chain may hand
+rows in, if it shows the session's push token, which only the owner was told. Each session reserves `max_length` cache tokens up front, so the peer
 never promises more memory than its budget; a full peer says `overloaded` and the client routes
 around it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import itertools
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +50,8 @@ class Session:
     last_used: float = 0.0
     busy: bool = False
     span: Any = None  # the BlockSpan it runs on: the old one after the peer moves, until it closes
+    token: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)  # for pushes
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)  # one step at a time
 
 
 @dataclass
@@ -82,6 +88,14 @@ class SessionTable:
         s = self.sessions.get(session_id)
         if s is None or s.owner != owner:  # another caller's session is as good as unknown
             raise SessionError("unknown_session", f"unknown session {session_id}")
+        s.last_used = now
+        return s
+
+    def pushed(self, session_id: int, token: bytes, now: float) -> Session:
+        """The session a push names, if its token is right (as good as unknown otherwise)."""
+        s = self.sessions.get(session_id)
+        if s is None or not hmac.compare_digest(s.token, token):
+            raise SessionError("unknown_session", f"unknown session {session_id} (or a wrong push token)")
         s.last_used = now
         return s
 

@@ -1,7 +1,10 @@
 """One inference session across the swarm: a chain of per-peer sessions, and failover.
 
-The client sends each step's hidden states hop by hop along the route and keeps, for every block
-boundary where a hop starts, the rows it sent there (the history). When a hop fails, the peer is
+A decode step is pushed: the client sends it to the first hop, each peer hands its output to the
+next (wire.Forward.next), and the last answers the client with the output and the input of
+every hop. So the client keeps, for every block boundary where a hop starts, the rows that went
+in there (the history), as when it sends a step hop by hop itself (prefills, checked steps, and
+any step whose push failed). When a hop fails, the peer is
 banned for a while, the hop's span alone is routed again, and the history at its start boundary
 is replayed through the new hops in one prefill: that both rebuilds their caches and computes the
 step that failed. The other hops keep their sessions. Greedy output is therefore the same with or
@@ -10,6 +13,7 @@ without a failure.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -20,8 +24,9 @@ import torch
 
 from . import wire
 from .errors import PeerUnavailable, RemoteError, SwarmError
+from .gossip import GossipRecords
 from .routing import Hop, Route
-from .transport import Connection
+from .transport import Connection, next_request_id
 from .verify import VerifyPolicy, arbitrate, judge, tolerance
 
 log = logging.getLogger("swarm.client")
@@ -30,6 +35,7 @@ log = logging.getLogger("swarm.client")
 _ROUTE_AROUND = {"overloaded", "too_many_sessions", "busy"}
 LIED = "lied"  # the code of a peer caught returning wrong hidden states
 _BAN_S = {LIED: 24 * 3600.0}
+PUSH_MAX_BYTES = 1 << 20  # rows of a step x hops: above this, a step goes hop by hop
 
 
 def _ban_seconds(code: str) -> float:
@@ -43,6 +49,7 @@ class LiveHop:
     hop: Hop
     conn: Connection
     session: int
+    token: bytes = b""  # the session's push token: the hop before may hand rows in with it
 
     @property
     def start(self) -> int:
@@ -74,6 +81,7 @@ class ChainHost(Protocol):
     def ban(self, peer_id: str, seconds: float) -> None: ...
     def verifier_candidates(self, start: int, end: int, exclude: set[str]) -> list[Hop]: ...
     def peer_format(self, peer_id: str) -> tuple[str, str]: ...
+    def record(self, peer_id: str) -> dict | None: ...
 
 
 @dataclass
@@ -102,6 +110,8 @@ class Chain:
     shadows: dict[tuple[int, int], Shadow] = field(default_factory=dict)
     verifications: list[dict] = field(default_factory=list)  # one per checked hop, for --json
     distrusted: set[str] = field(default_factory=set)  # caught lying: never used again here
+    push: bool = True  # hand steps peer to peer (off once the same peers fail as a chain only)
+    pushed_steps: int = 0  # steps that went peer to peer, for --json
 
     async def open(self, num_blocks: int) -> None:
         """Open a session on every hop of the best route. A peer that refuses (full, gone) is
@@ -123,6 +133,24 @@ class Chain:
                     log.info("%s refused a session for blocks %d:%d: %s", hop.peer_id[:10], hop.start, hop.end, e)
                     break
         self.routes.append([h.hop.to_json() for h in self.hops])
+        await self._introduce()
+
+    async def _introduce(self) -> None:
+        """Give each hop the signed gossip record of the hop after it, so it can push there:
+        peers started apart (only --peer to one of them, or none) may not know each other yet.
+        A record any peer could gossip; a hop that does not take it is asked hop by hop later."""
+        if not self.push or len(self.hops) < 2:
+            return
+
+        async def tell(lh: LiveHop, nxt: LiveHop) -> None:
+            rec = self.host.record(nxt.hop.peer_id)
+            if rec is not None:
+                try:
+                    await lh.conn.request(lambda rid: GossipRecords(rid, (rec,)), timeout=self._timeout(lh.hop, 1))
+                except SwarmError as e:
+                    log.debug("could not introduce %s to %s: %s", nxt.hop.peer_id[:10], lh.hop.peer_id[:10], e)
+
+        await asyncio.gather(*(tell(a, b) for a, b in zip(self.hops, self.hops[1:])))
 
     async def close(self) -> None:
         for lh in [*self.hops, *(s.live for s in self.shadows.values())]:
@@ -141,7 +169,7 @@ class Chain:
             timeout=self._timeout(hop, 1),
             expect=wire.SessionOpened,
         )
-        return LiveHop(hop, conn, reply.session)
+        return LiveHop(hop, conn, reply.session, reply.push_token)
 
     def _timeout(self, hop: Hop, rows: int) -> float:
         # generous against the estimate (the CPU is shared), but far from a fixed minute
@@ -150,8 +178,16 @@ class Chain:
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, n, H]: the embeddings of the next n tokens -> their final hidden states."""
         x = hidden.to(wire.WIRE_DTYPES[self.wire_dtype])
-        sent: list[tuple[int, torch.Tensor]] = []  # (boundary, rows sent there) for this step
         check = self.verify is not None and self.verify.check_this_step()
+        routes, suspect = len(self.routes), False
+        if self._can_push(x) and not check:
+            pushed, suspect = await self._push_step(x)
+            if pushed is not None:
+                y, sent = pushed
+                self._remember(sent, hidden.shape[1])
+                self.pushed_steps += 1
+                return y
+        sent: list[tuple[int, torch.Tensor]] = []  # (boundary, rows sent there) for this step
         i = 0
         while i < len(self.hops):
             lh = self.hops[i]
@@ -167,10 +203,56 @@ class Chain:
                 x, replaced = await self._failover(i, x, e)
                 sent.extend(replaced)
                 i += len(replaced)
+        self._remember(sent, hidden.shape[1])
+        if suspect and len(self.routes) == routes:
+            self.push = False  # the same peers answer one by one, not as a chain: stop pushing
+        return x
+
+    def _remember(self, sent: list[tuple[int, torch.Tensor]], n: int) -> None:
         for b, rows in sent:
             self.history.setdefault(b, []).append(rows)
-        self.position += hidden.shape[1]
-        return x
+        self.position += n
+
+    def _can_push(self, x: torch.Tensor) -> bool:
+        # decode steps only: a prefill's rows, carried back once per hop, could outgrow a frame
+        return self.push and len(self.hops) > 1 and all(lh.token for lh in self.hops) and x.nbytes * len(self.hops) <= PUSH_MAX_BYTES
+
+    async def _push_step(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]] | None, bool]:
+        """One step handed peer to peer: the client sends to the first hop and hears from the
+        last (or from whichever hop failed). Returns (output, rows sent per boundary), or None
+        when it did not work out: the caller then runs the step hop by hop, which finds and
+        replaces a failed peer as usual. The flag says whether the push itself is suspect (a
+        hop could not reach the next, nobody answered, a wrong answer)."""
+        hops = self.hops
+        rid = next_request_id()
+        conns = list({id(lh.conn): lh.conn for lh in hops}.values())
+        try:
+            waits = {asyncio.ensure_future(c.expect(rid)): c for c in conns}
+        except PeerUnavailable:
+            return None, False
+        try:
+            nxt = tuple(wire.NextHop(lh.hop.peer_id, lh.session, lh.token) for lh in hops[1:])
+            hops[0].conn.send(wire.Forward(rid, session=hops[0].session, position=self.position, hidden=x, next=nxt))
+            timeout = sum(self._timeout(lh.hop, x.shape[1]) for lh in hops)
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:  # somewhere on the chain; hop by hop will tell where
+                raise RemoteError(f"no answer within {timeout:.1f}s", code="push_timeout", peer=hops[-1].hop.peer_id)
+            fut = done.pop()
+            reply = waits[fut].check_reply(fut.result(), wire.ForwardResult)
+            if waits[fut] is not hops[-1].conn or len(reply.carried) != len(hops):
+                raise RemoteError("a pushed step's answer came from the wrong hop", code="bad_reply", peer=waits[fut].peer)
+            for r in (reply.hidden, *reply.carried):
+                if r.shape != x.shape or r.dtype != x.dtype:
+                    raise RemoteError(f"a pushed step returned a tensor of shape {list(r.shape)}", code="bad_reply", peer=waits[fut].peer)
+        except SwarmError as e:
+            code = getattr(e, "code", "unavailable")
+            log.info("a pushed step at position %d failed (%s); running it hop by hop", self.position, e)
+            return None, code in ("push_unreachable", "push_timeout", "bad_reply")
+        finally:
+            for fut, c in waits.items():
+                c.forget(rid)
+                fut.cancel()
+        return (reply.hidden, [(lh.start, rows) for lh, rows in zip(hops, reply.carried)]), False
 
     async def _forward(self, lh: LiveHop, x: torch.Tensor, position: int) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -243,6 +325,7 @@ class Chain:
         ev.replaced_by = [(h.hop.peer_id, h.start, h.end) for h in new_hops]
         ev.stall_s = time.perf_counter() - t0
         self.routes.append([h.hop.to_json() for h in self.hops])
+        await self._introduce()
         if self.on_event:
             self.on_event(ev)
         return y[:, p:], [(b, rows[:, p:]) for b, rows in sent]

@@ -46,6 +46,7 @@ class ClientConfig:
     torch_threads: int | None = None  # intra-op threads for the local head
     swarm_key: Any = None  # a private swarm's shared secret (swarm.secure), None for public
     verify: float = 0.0  # fraction of steps a second peer re-computes and compares (1.0: all)
+    push: bool = True  # decode steps go peer to peer (Forward.next); False: each hop via us
 
 
 @dataclass
@@ -59,6 +60,7 @@ class GenerationResult:
     decode_tokens_per_s: float
     total_s: float
     verifications: list[dict] = field(default_factory=list)
+    pushed_steps: int = 0  # steps handed peer to peer
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,7 @@ class GenerationResult:
             "route": self.routes[-1] if self.routes else [],
             "routes": self.routes,
             "failovers": [vars(e) for e in self.failovers],
+            "pushed_steps": self.pushed_steps,
             "verification": {
                 "checked": sum(1 for v in self.verifications if v["ok"] is not None),
                 "mismatches": sum(1 for v in self.verifications if v["ok"] is False),
@@ -200,6 +203,10 @@ class SwarmClient:
         rec = self.directory.get(peer_id)
         return (rec.dtype, rec.quant) if rec is not None else ("float32", "none")
 
+    def record(self, peer_id: str) -> dict | None:
+        rec = self.directory.get(peer_id)
+        return rec.to_wire() if rec is not None else None
+
     def observe(self, peer_id: str, rtt_ms: float) -> None:
         self.rtt.observe(peer_id, rtt_ms)
 
@@ -257,7 +264,7 @@ class SwarmClient:
             self, max_length=len(prompt_ids) + max_new_tokens, wire_dtype=self.config.wire_dtype,
             max_failovers=self.config.max_failovers, on_event=on_failover,
             verify=VerifyPolicy(self.config.verify, sampling.seed) if self.config.verify > 0 else None,
-            on_verify=on_verify,
+            on_verify=on_verify, push=self.config.push,
         )
         gen = sampling.generator()
         eos = self.eos_ids() if stop_at_eos else set()
@@ -293,6 +300,7 @@ class SwarmClient:
                 n_decode = max(0, len(tokens) - 1)
                 stats.update(
                     verifications=chain.verifications,
+                    pushed_steps=chain.pushed_steps,
                     routes=chain.routes,
                     failovers=chain.failovers,
                     ttft_s=(t_first - t0) if t_first else 0.0,
@@ -330,6 +338,7 @@ class SwarmClient:
             decode_tokens_per_s=stats["decode_tokens_per_s"],
             total_s=stats["total_s"],
             verifications=stats.get("verifications", []),
+            pushed_steps=stats.get("pushed_steps", 0),
         )
 
 

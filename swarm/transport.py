@@ -20,6 +20,14 @@ from .secure import SwarmKey, open_secure_connection
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=wire.Message)
 
+# Request ids are unique across all of a process's connections: a pushed step's reply comes back
+# on another connection than the one its request left on (Forward.next).
+_request_ids = itertools.count(1)
+
+
+def next_request_id() -> int:
+    return next(_request_ids)
+
 
 async def read_frame(reader: asyncio.StreamReader, max_frame: int, timeout: float | None) -> bytes | None:
     """The next frame body, None on a clean EOF between frames. Raises ProtocolError (fatal)
@@ -48,10 +56,10 @@ class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
         self.peer = peer  # a label for errors and logs: peer id or address
         self.remote_id: str | None = None  # the verified peer id, when the link is secure
+        self.on_unmatched: Callable[[wire.Message], None] | None = None  # replies nobody awaits
         self._reader = reader
         self._writer = writer
         self._max_frame = max_frame
-        self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[wire.Message]] = {}
         self._closed: BaseException | None = None
         self._reader_task = asyncio.create_task(self._read_loop(), name=f"read {peer}")
@@ -85,13 +93,10 @@ class Connection:
         """Send the message `msg_factory(request_id)` and return the reply. An Error reply raises
         RemoteError with its code; a reply of another type than `expect` raises RemoteError
         ("bad_reply"); a broken link or a timeout raises PeerUnavailable."""
-        if self._closed is not None:
-            raise PeerUnavailable(f"connection to {self.peer} is closed", peer=self.peer)
-        rid = next(self._ids)
-        fut: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
+        rid = next_request_id()
+        fut = self.expect(rid)
         try:
-            self._writer.write(wire.encode(msg_factory(rid)))
+            self.send(msg_factory(rid))
             if self._writer.transport.get_write_buffer_size() > 1 << 20:
                 await self._writer.drain()
             async with asyncio.timeout(timeout):
@@ -101,12 +106,34 @@ class Connection:
         except (ConnectionError, OSError) as e:
             raise PeerUnavailable(f"lost connection to {self.peer}: {e}", peer=self.peer) from None
         finally:
-            self._pending.pop(rid, None)
+            self.forget(rid)
+        return self.check_reply(reply, expect)
+
+    def check_reply(self, reply: wire.Message, expect: type[M] | None) -> M:
+        """An Error reply as RemoteError with its code; a reply of another type than `expect` as
+        RemoteError("bad_reply")."""
         if isinstance(reply, wire.Error):
             raise RemoteError(f"{self.peer}: {reply.message}", code=reply.code, peer=self.peer)
         if expect is not None and not isinstance(reply, expect):
             raise RemoteError(f"{self.peer} answered {reply.TYPE!r} where {expect.TYPE!r} was due", code="bad_reply", peer=self.peer)
         return reply  # type: ignore[return-value]
+
+    def expect(self, rid: int) -> asyncio.Future[wire.Message]:
+        """A future for the reply with id `rid` on this connection; `forget(rid)` when done."""
+        if self._closed is not None:
+            raise PeerUnavailable(f"connection to {self.peer} is closed", peer=self.peer)
+        fut: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        return fut
+
+    def forget(self, rid: int) -> None:
+        self._pending.pop(rid, None)
+
+    def send(self, msg: wire.Message) -> None:
+        """Queue one frame; no reply is awaited (see `expect`)."""
+        if self._closed is not None:
+            raise PeerUnavailable(f"connection to {self.peer} is closed", peer=self.peer)
+        self._writer.write(wire.encode(msg))
 
     async def _read_loop(self) -> None:
         err: BaseException = PeerUnavailable(f"{self.peer} closed the connection", peer=self.peer)
@@ -117,8 +144,11 @@ class Connection:
                     break
                 msg = wire.decode_body(body)
                 fut = self._pending.get(msg.id)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(msg)
+                elif self.on_unmatched is not None:
+                    self.on_unmatched(msg)
         except asyncio.CancelledError:
             err = PeerUnavailable(f"connection to {self.peer} closed", peer=self.peer)
         except ProtocolError as e:
@@ -150,7 +180,7 @@ class Connection:
             pass
 
 
-Handler = Callable[[wire.Message], Awaitable[wire.Message]]
+Handler = Callable[[wire.Message], Awaitable[wire.Message | None]]  # None: nothing to send back
 
 
 async def serve_frames(
@@ -192,6 +222,8 @@ async def serve_frames(
                 writer.write(wire.encode(wire.Error(_request_id(body), "bad_request", f"malformed frame ({type(e).__name__})")))
                 continue
             reply = await handle(msg)
+            if reply is None:
+                continue
             writer.write(wire.encode(reply))
             if writer.transport.get_write_buffer_size() > 1 << 20:
                 await asyncio.wait_for(writer.drain(), idle_timeout)

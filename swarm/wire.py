@@ -112,11 +112,7 @@ class Message:
         body: dict[str, Any] = {"t": self.TYPE}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = tensor_to_wire(v)
-            elif isinstance(v, tuple):
-                v = list(v)
-            body[f.name] = v
+            body[f.name] = _to_wire(v)
         return body
 
     @classmethod
@@ -132,6 +128,16 @@ class Message:
                 raise ProtocolError(f"{cls.TYPE}: missing field {f.name!r}")
             kwargs[f.name] = _check(hints[f.name], body[f.name], f"{cls.TYPE}.{f.name}")
         return cls(**kwargs)
+
+
+def _to_wire(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return tensor_to_wire(v)
+    if isinstance(v, tuple):
+        return [_to_wire(x) for x in v]
+    if dataclasses.is_dataclass(v):
+        return {f.name: _to_wire(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    return v
 
 
 def message(cls: type[Message]) -> type[Message]:
@@ -193,6 +199,16 @@ def _check(tp: Any, v: Any, name: str) -> Any:
         return v
     if tp is Any:
         return v
+    if dataclasses.is_dataclass(tp):  # a record nested in a message (NextHop)
+        if not isinstance(v, dict):
+            raise ProtocolError(f"{name}: expected a map")
+        hints = _hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name not in v:
+                raise ProtocolError(f"{name}: missing field {f.name!r}")
+            kwargs[f.name] = _check(hints[f.name], v[f.name], f"{name}.{f.name}")
+        return tp(**kwargs)
     raise TypeError(f"unsupported field type {tp!r} in {name}")  # our bug, not the peer's
 
 
@@ -294,8 +310,24 @@ class OpenSession(Message):
 @message
 @dataclass(frozen=True)
 class SessionOpened(Message):
+    """`push_token` lets another peer hand hidden states into this session (see Forward.next);
+    only the session's owner learns it, and gives it to the hop before."""
+
     TYPE: ClassVar[str] = "opened"
     session: int
+    push_token: bytes = b""
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """A later hop of a pushed step: the peer, its session there and that session's push token."""
+
+    peer: str
+    session: int
+    token: bytes
+
+
+MAX_PUSH_HOPS = 64  # hops one pushed step may name (next, carried): bounds a frame's fan-out
 
 
 @message
@@ -303,19 +335,32 @@ class SessionOpened(Message):
 class Forward(Message):
     """Run `hidden` [1, n, hidden_size], the rows at positions position..position+n-1, through
     the session's blocks. A position below the session's length rewinds its cache first (a retry
-    or a replay); a position above it is an error."""
+    or a replay); a position above it is an error.
+
+    A push (the hand-off of DESIGN's chain): with `next`, the peer does not answer but forwards
+    its output to `next[0]`'s session, with the rest of `next`, and so on; the last peer sends
+    the ForwardResult to its session's owner, the client, as do peers that fail. `token` is set
+    when a peer, not the session's owner, sends the frame; it must match the session's push
+    token, and a push never rewinds. `carried` collects the input of each hop so far: the
+    client keeps them to replay a span after a failover."""
 
     TYPE: ClassVar[str] = "forward"
     session: int
     position: int
     hidden: torch.Tensor
+    next: tuple[NextHop, ...] = ()
+    token: bytes = b""
+    carried: tuple[torch.Tensor, ...] = ()
 
 
 @message
 @dataclass(frozen=True)
 class ForwardResult(Message):
+    """The output of a step; after a push, `carried` holds the input of every hop in order."""
+
     TYPE: ClassVar[str] = "result"
     hidden: torch.Tensor
+    carried: tuple[torch.Tensor, ...] = ()
 
 
 @message

@@ -171,6 +171,7 @@ def test_a_peer_killed_mid_answer_changes_no_token(tiny_model, local_swarm, kill
     assert got[: len(want_ref)] == want_ref
     assert any(ev.dropped == killed[0][1] for ev in stats["failovers"])
     assert killed[0][1] not in _route_peers(stats)
+    assert stats["pushed_steps"] >= 38  # the failed step went hop by hop; pushes went on after it
 
 
 def test_three_kills_in_one_long_answer(tiny_model, local_swarm) -> None:

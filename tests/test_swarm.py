@@ -47,6 +47,82 @@ def test_greedy_ids_and_logits_equal_transformers(tiny_models, local_swarm, kind
         torch.testing.assert_close(lg, ref_logits[len(ids) - 1 + j], rtol=1e-4, atol=1e-4)
 
 
+def test_pushed_and_hop_by_hop_steps_give_the_oracles_tokens(tiny_model, local_swarm) -> None:
+    """Decode steps go peer to peer by default; with push off every hop goes through the client.
+    Both are the same arithmetic, so the same tokens."""
+    peers = start_chain(local_swarm(), tiny_model, [(0, 2), (2, 4), (4, 6)])
+    ids = [1, 15, 200, 33]
+
+    async def answer(push: bool) -> tuple[list[int], int]:
+        cfg = ClientConfig(model=str(tiny_model), bootstrap=tuple(p.addr for p in peers), mdns=False, discovery_timeout=20, push=push)
+        async with await SwarmClient.connect(cfg) as client:
+            r = await client.generate(ids, 20, stop_at_eos=False)
+            return r.tokens, r.pushed_steps
+
+    pushed, n_pushed = run(answer(True))
+    by_hop, n_by_hop = run(answer(False))
+    assert (n_pushed, n_by_hop) == (20, 0)  # every step, the prompt's too, went peer to peer
+    assert pushed == by_hop
+    want = reference_generate(tiny_model, ids, 20)
+    assert pushed[: len(want)] == want
+
+
+async def push_abuse(p1, p2, H: int) -> None:
+    """A caller that knows a session's id but not its push token cannot step it; a push cannot
+    rewind; a next hop nobody can reach is an error for the step's owner, not a hang."""
+    from swarm.directory import ask_peer
+
+    a, b = await RawLink.open(p1.addr), await RawLink.open(p2.addr)
+    # p1 learns p2's signed record, as a client's chain would tell it
+    rec = next(r for r in await ask_peer(p2.addr) if r["peer_id"] == p2.peer_id)
+    from swarm.gossip import GossipRecords
+
+    await a.send(wire.encode(GossipRecords(1, (rec,))))
+    assert isinstance(await a.recv(), wire.Closed)
+    await a.send(wire.encode(wire.OpenSession(2, start=0, end=2, max_length=8)))
+    s1 = await a.recv()
+    await b.send(wire.encode(wire.OpenSession(3, start=2, end=4, max_length=8)))
+    s2 = await b.recv()
+    assert len(s2.push_token) == 16
+    h = torch.randn(1, 1, H)
+    # a wrong token: p2 refuses it, and p1 tells the step's owner (a) who refused and why
+    await a.send(wire.encode(wire.Forward(4, s1.session, 0, h, next=(wire.NextHop(p2.peer_id, s2.session, b"x" * 16),))))
+    err = await a.recv()
+    assert (err.id, err.code) == (4, "unknown_session") and p2.peer_id[:10] in err.message
+    # the right token: the result reaches p2's session owner (b) with the input of every hop
+    await a.send(wire.encode(wire.Forward(5, s1.session, 0, h, next=(wire.NextHop(p2.peer_id, s2.session, s2.push_token),))))
+    res = await b.recv()
+    assert isinstance(res, wire.ForwardResult) and res.id == 5 and len(res.carried) == 2
+    assert torch.equal(res.carried[0], h)
+    await b.send(wire.encode(wire.Forward(6, s2.session, 0, res.carried[1])))  # the owner's retry of the same row
+    assert torch.equal((await b.recv()).hidden, res.hidden)
+    # a push may not rewind (p1 may: a's own session; p2 holds a row and refuses position 0)
+    await a.send(wire.encode(wire.Forward(7, s1.session, 0, h, next=(wire.NextHop(p2.peer_id, s2.session, s2.push_token),))))
+    err = await b.recv()
+    assert (err.id, err.code) == (7, "bad_position") and "cannot rewind" in err.message
+    # a next hop that is in nobody's table
+    await a.send(wire.encode(wire.Forward(8, s1.session, 0, h, next=(wire.NextHop("p" + "a" * 51, 1, b"y" * 16),))))
+    err = await a.recv()
+    assert (err.id, err.code) == (8, "push_unreachable")
+    a.close()
+    b.close()
+
+
+def test_a_push_needs_the_session_token_and_an_honest_session_is_unharmed(tiny_model, local_swarm) -> None:
+    peers = start_chain(local_swarm(), tiny_model, [(0, 2), (2, 6)])
+    addrs = [p.addr for p in peers]
+    ids = [1, 22, 33, 44]
+    before = run(_generate(str(tiny_model), addrs, ids, 16))
+
+    async def honest_while_abused():
+        task = asyncio.create_task(_generate(str(tiny_model), addrs, ids, 16))
+        await push_abuse(peers[0], peers[1], 64)
+        return await task
+
+    assert run(honest_while_abused()) == before
+    assert all(p.alive() for p in peers)
+
+
 def test_two_clients_at_once_get_what_they_get_alone(tiny_model, local_swarm) -> None:
     peers = start_chain(local_swarm(), tiny_model, [(0, 2), (2, 6)])
     addrs = [p.addr for p in peers]
@@ -202,6 +278,7 @@ def test_the_default_model_through_three_peers_equals_transformers(default_model
     assert [h["span"] for h in result["route"]] == [[0, 10], [10, 20], [20, 30]]
     assert {h["peer"] for h in result["route"]} == {p.peer_id for p in peers}
     assert result["timings"]["decode_tokens_per_s"] > 0
+    assert result["pushed_steps"] == len(result["tokens"])  # every step went peer to peer
 
 
 def test_status_shows_peers_and_coverage(tiny_model, local_swarm) -> None:

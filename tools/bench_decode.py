@@ -3,7 +3,9 @@
 
     python tools/bench_decode.py [--tokens 128] [--threads 2] [--peers 3] [--rounds 5]
 
-The two sides take turns, one generation each per round, so a change in the machine's speed (a
+The swarm runs twice per round: with its decode steps handed peer to peer (the default), and
+with every hop going through the client (`ClientConfig.push = False`), to show what the hand-off
+saves. The sides take turns, one generation each per round, so a change in the machine's speed (a
 shared VM drifts by 10% within minutes) falls on both alike. Prints the median tokens/s of each
 side, their ratio, time to first token, and each peer's resident memory against the bytes of its
 blocks (a peer holding a third of the blocks must not hold the model).
@@ -147,7 +149,7 @@ def main() -> int:
     if os.environ.get("GOMP_SPINCOUNT") == SPIN_ROUNDS and "GOMP_SPINCOUNT" not in ORIGINAL_ENV:
         plain_env.pop("GOMP_SPINCOUNT")
     spans = thirds(m.num_blocks, args.peers)
-    sides = ["transformers", "transformers+spin", "swarm"]
+    sides = ["transformers", "transformers+spin", "swarm", "swarm hop by hop"]
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
     with LocalSwarm() as swarm:
         peers = swarm.start_many([["--blocks", f"{s}:{e}", "--no-mdns", "--threads", str(args.threads)] for s, e in spans])
@@ -157,8 +159,12 @@ def main() -> int:
             client = await open_client([p.addr for p in peers], ids, args.threads)
             try:
                 for i in range(args.rounds):
-                    r = await client.generate(ids, args.tokens, stop_at_eos=False)
-                    runs["swarm"].append((r.decode_tokens_per_s, r.ttft_s))
+                    for name, push in (("swarm", True), ("swarm hop by hop", False)):
+                        client.config.push = push
+                        r = await client.generate(ids, args.tokens, stop_at_eos=False)
+                        if push and r.pushed_steps < args.tokens - 1:
+                            raise SystemExit(f"only {r.pushed_steps} of {args.tokens - 1} decode steps went peer to peer")
+                        runs[name].append((r.decode_tokens_per_s, r.ttft_s))
                     for name, b in baselines.items():
                         runs[name].append(await asyncio.to_thread(b.run))
                     print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f}" for k, v in runs.items()) + " tokens/s", flush=True)
@@ -189,7 +195,8 @@ def main() -> int:
     print(f"| transformers generate(), one process | {hf_tps:.1f} | {med('transformers', 1) * 1000:.0f} ms |")
     print(f"| same, GOMP_SPINCOUNT={SPIN_ROUNDS} as in swarm's processes | {med('transformers+spin', 0):.1f} | "
           f"{med('transformers+spin', 1) * 1000:.0f} ms |")
-    print(f"| swarm, {args.peers} peers on loopback (TLS) | {med('swarm', 0):.1f} | {med('swarm', 1) * 1000:.0f} ms |")
+    print(f"| swarm, {args.peers} peers on loopback (TLS), steps handed peer to peer | {med('swarm', 0):.1f} | {med('swarm', 1) * 1000:.0f} ms |")
+    print(f"| same, each hop through the client (push off) | {med('swarm hop by hop', 0):.1f} | {med('swarm hop by hop', 1) * 1000:.0f} ms |")
     ratios = [s[0] / h[0] for s, h in zip(runs["swarm"], runs["transformers"])]
     print(f"ratio swarm / transformers: {med('swarm', 0) / hf_tps:.3f} (per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
           f"against the spin-set baseline {med('swarm', 0) / med('transformers+spin', 0):.3f})")
