@@ -273,7 +273,7 @@ class PeerServer:
                 raise SwarmError("this peer keeps no table of peers")
             link = await self.membership.connection(nxt.peer)
             link.on_unmatched = functools.partial(self._relay_error, nxt.peer)
-            link.send(wire.Forward(msg.id, nxt.session, msg.position, out, next=msg.next[1:], token=nxt.token, carried=carried))
+            await link.send(wire.Forward(msg.id, nxt.session, msg.position, out, next=msg.next[1:], token=nxt.token, carried=carried))
         except SwarmError as e:
             raise SessionError("push_unreachable", f"could not hand on to {short(nxt.peer)}: {e}") from None
         self._relayed[(nxt.peer, msg.id)] = s.owner

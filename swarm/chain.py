@@ -232,7 +232,7 @@ class Chain:
             return None, False
         try:
             nxt = tuple(wire.NextHop(lh.hop.peer_id, lh.session, lh.token) for lh in hops[1:])
-            hops[0].conn.send(wire.Forward(rid, session=hops[0].session, position=self.position, hidden=x, next=nxt))
+            await hops[0].conn.send(wire.Forward(rid, session=hops[0].session, position=self.position, hidden=x, next=nxt))
             timeout = sum(self._timeout(lh.hop, x.shape[1]) for lh in hops)
             done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if not done:  # somewhere on the chain; hop by hop will tell where

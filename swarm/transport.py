@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=wire.Message)
 
 # Request ids are unique across all of a process's connections: a pushed step's reply comes back
-# on another connection than the one its request left on (Forward.next).
-_request_ids = itertools.count(1)
+# on another connection than the one its request left on (Forward.next). A random start, so
+# another client cannot guess ours (a peer pairs a refused push with its step by id).
+_request_ids = itertools.count(secrets.randbits(48) + 1)
 
 
 def next_request_id() -> int:
@@ -96,9 +98,7 @@ class Connection:
         rid = next_request_id()
         fut = self.expect(rid)
         try:
-            self.send(msg_factory(rid))
-            if self._writer.transport.get_write_buffer_size() > 1 << 20:
-                await self._writer.drain()
+            await self.send(msg_factory(rid))
             async with asyncio.timeout(timeout):
                 reply = await fut
         except asyncio.TimeoutError:
@@ -129,11 +129,17 @@ class Connection:
     def forget(self, rid: int) -> None:
         self._pending.pop(rid, None)
 
-    def send(self, msg: wire.Message) -> None:
-        """Queue one frame; no reply is awaited (see `expect`)."""
+    async def send(self, msg: wire.Message) -> None:
+        """Send one frame; no reply is awaited (see `expect`). Waits only while more than 1 MiB
+        is still queued for a slow reader."""
         if self._closed is not None:
             raise PeerUnavailable(f"connection to {self.peer} is closed", peer=self.peer)
-        self._writer.write(wire.encode(msg))
+        try:
+            self._writer.write(wire.encode(msg))
+            if self._writer.transport.get_write_buffer_size() > 1 << 20:
+                await self._writer.drain()
+        except (ConnectionError, OSError) as e:
+            raise PeerUnavailable(f"lost connection to {self.peer}: {e}", peer=self.peer) from None
 
     async def _read_loop(self) -> None:
         err: BaseException = PeerUnavailable(f"{self.peer} closed the connection", peer=self.peer)

@@ -193,6 +193,9 @@ def build_strategies(registry: dict[str, type]):
         if origin is tuple:
             if name == "records":
                 return st.lists(records(), max_size=4)
+            if name == "next":  # push hops: well-formed, naming peers and sessions that are not there
+                hop = st.fixed_dictionaries({"peer": texts, "session": ints, "token": binaries})
+                return st.one_of(st.lists(hop, max_size=3), st.lists(anyval, max_size=5))
             return st.lists(anyval, max_size=5)
         if tp is dict or origin is dict:
             if name == "digest":
