@@ -2,6 +2,7 @@
 3 local peers (real processes on 127.0.0.1), same model, prompt, threads and 128 greedy tokens.
 
     python tools/bench_decode.py [--tokens 128] [--threads 2] [--peers 3] [--rounds 5]
+    python tools/bench_decode.py --delay-ms 5     # the peers "far apart": push against hop by hop
 
 The swarm runs twice per round: with its decode steps handed peer to peer (the default), and
 with every hop going through the client (`ClientConfig.push = False`), to show what the hand-off
@@ -9,6 +10,11 @@ saves. The sides take turns, one generation each per round, so a change in the m
 shared VM drifts by 10% within minutes) falls on both alike. Prints the median tokens/s of each
 side, their ratio, time to first token, and each peer's resident memory against the bytes of its
 blocks (a peer holding a third of the blocks must not hold the model).
+
+With `--delay-ms D` each peer sits behind tools/proxy.py, which delays every byte D ms each way
+(the peer announces the proxy's address, so the client and the other peers both reach it
+through it), and only the swarm's two ways of sending a step are compared: a step handed peer
+to peer crosses the network hops + 1 times, one sent hop by hop through the client 2 x hops.
 
 transformers runs in processes of its own, with the environment it would have without swarm, and
 a second time with the OpenMP spin setting swarm gives its own processes (swarm/compute.py), to
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +34,7 @@ import time
 from pathlib import Path
 
 ORIGINAL_ENV = dict(os.environ)
+PROXY = Path(__file__).resolve().parent / "proxy.py"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swarm.compute import SPIN_ROUNDS  # noqa: E402  (importing swarm sets GOMP_SPINCOUNT)
@@ -118,12 +126,69 @@ async def open_client(addrs: list[str], ids: list[int], threads: int):
     return client
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def far_apart(args: argparse.Namespace, ids: list[int], spans: list[tuple[int, int]]) -> None:
+    """Peers behind latency proxies: decode tokens/s with steps pushed and hop by hop."""
+    from swarm.local import LocalSwarm
+
+    proxies: list[subprocess.Popen] = []
+    runs: dict[str, list[float]] = {"push": [], "hop by hop": []}
+    try:
+        with LocalSwarm() as swarm:
+            arg_lists = []
+            for s, e in spans:
+                port = free_port()
+                px = subprocess.Popen([sys.executable, str(PROXY), "--listen", "0", "--target", f"127.0.0.1:{port}", "--delay-ms", str(args.delay_ms)],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+                proxies.append(px)
+                line = px.stdout.readline() if px.stdout else ""
+                if not line.startswith("READY "):
+                    raise SystemExit(f"tools/proxy.py did not start: {line!r}")
+                arg_lists.append(["--blocks", f"{s}:{e}", "--no-mdns", "--threads", str(args.threads), "--port", str(port),
+                                  "--announce", f"127.0.0.1:{line.split()[1]}"])
+            peers = swarm.start_many(arg_lists)
+
+            async def rounds() -> None:
+                client = await open_client([p.addr for p in peers], ids, args.threads)
+                try:
+                    for i in range(args.rounds):
+                        for name, push in (("push", True), ("hop by hop", False)):
+                            client.config.push = push
+                            r = await client.generate(ids, args.tokens, stop_at_eos=False)
+                            runs[name].append(r.decode_tokens_per_s)
+                        print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " tokens/s", flush=True)
+                finally:
+                    await client.close()
+
+            asyncio.run(rounds())
+    finally:
+        for px in proxies:
+            px.terminate()
+            px.wait(10)
+    push, star = (statistics.median(runs[k]) for k in ("push", "hop by hop"))
+    n = len(spans)
+    print()
+    print(f"{n} peers, each behind a proxy adding {args.delay_ms:g} ms each way; {args.tokens} greedy tokens, medians of {args.rounds} rounds")
+    print("| steps | network crossings per token | decode tokens/s | ms per token |")
+    print("| --- | --- | --- | --- |")
+    print(f"| handed peer to peer (default) | {n + 1} | {push:.1f} | {1000 / push:.1f} |")
+    print(f"| hop by hop through the client | {2 * n} | {star:.1f} | {1000 / star:.1f} |")
+    print(f"the hand-off saves {1000 / star - 1000 / push:.1f} ms per token ({(n - 1) * args.delay_ms:g} ms of delay by the count)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="torch threads, the same in every process")
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5, help="turns of each side; medians are reported")
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="put each peer behind a proxy with this one-way delay and "
+                    "compare pushed steps with hop by hop (no transformers run)")
     ap.add_argument("--transformers-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -149,6 +214,9 @@ def main() -> int:
     if os.environ.get("GOMP_SPINCOUNT") == SPIN_ROUNDS and "GOMP_SPINCOUNT" not in ORIGINAL_ENV:
         plain_env.pop("GOMP_SPINCOUNT")
     spans = thirds(m.num_blocks, args.peers)
+    if args.delay_ms > 0:
+        far_apart(args, ids, spans)
+        return 0
     sides = ["transformers", "transformers+spin", "swarm", "swarm hop by hop"]
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
     with LocalSwarm() as swarm:
