@@ -26,7 +26,8 @@ T = TypeVar("T")
 # How long an OpenMP worker spins for more work before it sleeps. With libgomp's default, 300,000
 # rounds of `pause`, a worker here burned 4-6 ms of CPU after each step (its schedstat), while the
 # next process on the machine (the next peer of a local swarm, or the client's head) wanted the
-# core; 30,000 rounds burn 0-3 ms and still bridge the gaps between the parallel ops of one step.
+# core; 30,000 rounds (0.34 ms of `pause` on that machine) still bridge the gaps between the
+# parallel ops of one step.
 # Measured (2 cores, 3 peers, SmolLM2 fp32, tools/bench_decode.py): 17.4 -> 21-23 tokens/s;
 # 5,000-10,000 are slower again (workers fall asleep inside a step and each op pays a wake-up).
 SPIN_ROUNDS = "30000"
