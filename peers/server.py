@@ -1,5 +1,9 @@
 """The peer server: serves a span of blocks to inference sessions over the peer protocol.
 
+A step comes from the session's owner (the client) or is pushed by the peer before us on the
+chain; we run it and send the output on to the next peer when the step names one, else to the
+owner, who also hears of any failure.
+
 One asyncio loop per process. Model compute runs in one worker thread, so heartbeats, gossip
 and other sessions' frames never wait behind a forward pass; steps are computed one at a time
 (the CPU is the bottleneck, and interleaving would only thrash caches).

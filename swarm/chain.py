@@ -1,14 +1,13 @@
 """One inference session across the swarm: a chain of per-peer sessions, and failover.
 
-A decode step is pushed: the client sends it to the first hop, each peer hands its output to the
-next (wire.Forward.next), and the last answers the client with the output and the input of
-every hop. So the client keeps, for every block boundary where a hop starts, the rows that went
-in there (the history), as when it sends a step hop by hop itself (prefills, checked steps, and
-any step whose push failed). When a hop fails, the peer is
-banned for a while, the hop's span alone is routed again, and the history at its start boundary
-is replayed through the new hops in one prefill: that both rebuilds their caches and computes the
-step that failed. The other hops keep their sessions. Greedy output is therefore the same with or
-without a failure.
+A step is pushed: the client sends it to the first hop, each peer hands its output to the next
+(wire.Forward.next), and the last answers the client with the output and the input of every hop.
+So the client keeps, for every block boundary where a hop starts, the rows that went in there
+(the history), as it does when it sends a step hop by hop itself (long prompts, checked steps,
+a step whose push failed). When a hop fails, the peer is banned for a while, the hop's span
+alone is routed again, and the history at its start boundary is replayed through the new hops
+in one prefill: that both rebuilds their caches and computes the step that failed. The other
+hops keep their sessions. Greedy output is therefore the same with or without a failure.
 """
 
 from __future__ import annotations
@@ -214,7 +213,7 @@ class Chain:
         self.position += n
 
     def _can_push(self, x: torch.Tensor) -> bool:
-        # decode steps only: a prefill's rows, carried back once per hop, could outgrow a frame
+        # not a long prompt: its rows, carried back once per hop, could outgrow a frame
         return self.push and len(self.hops) > 1 and all(lh.token for lh in self.hops) and x.nbytes * len(self.hops) <= PUSH_MAX_BYTES
 
     async def _push_step(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]] | None, bool]:
@@ -233,7 +232,8 @@ class Chain:
         try:
             nxt = tuple(wire.NextHop(lh.hop.peer_id, lh.session, lh.token) for lh in hops[1:])
             await hops[0].conn.send(wire.Forward(rid, session=hops[0].session, position=self.position, hidden=x, next=nxt))
-            timeout = sum(self._timeout(lh.hop, x.shape[1]) for lh in hops)
+            # one bound for the chain: a hung hop costs this once, then hop by hop finds it
+            timeout = max(2.0, 8 * sum(self.host.expected_ms(lh.hop, x.shape[1]) for lh in hops) / 1000)
             done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if not done:  # somewhere on the chain; hop by hop will tell where
                 raise RemoteError(f"no answer within {timeout:.1f}s", code="push_timeout", peer=hops[-1].hop.peer_id)

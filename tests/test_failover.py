@@ -174,6 +174,46 @@ def test_a_peer_killed_mid_answer_changes_no_token(tiny_model, local_swarm, kill
     assert stats["pushed_steps"] >= 38  # the failed step went hop by hop; pushes went on after it
 
 
+def test_a_hung_peer_is_routed_around_and_changes_no_token(tiny_model, local_swarm) -> None:
+    """SIGSTOP, not SIGKILL: the connection stays open and nothing answers. The pushed step
+    times out, the step runs again hop by hop, that finds the silent hop, and a replica takes over."""
+    spans = [(0, 2), (2, 4), (4, 6)]
+    peers = _replicated_swarm(tiny_model, local_swarm(), spans, 2)
+    addrs = [peers[0].addr]
+    clean, _ = run(_answer(tiny_model, addrs, 30))
+    stopped: list = []
+
+    def hook(step: int) -> None:
+        if step == 10:
+            pid = client_ref[0].active_chains[-1].hops[1].hop.peer_id
+            victim = next(p for p in peers if p.peer_id == pid)
+            victim.kill(signal.SIGSTOP)
+            stopped.append(victim)
+
+    client_ref: list = []
+
+    async def go():
+        cfg = ClientConfig(model=str(tiny_model), bootstrap=tuple(addrs), mdns=False, discovery_timeout=20)
+        async with await SwarmClient.connect(cfg) as client:
+            client_ref.append(client)
+            await client.directory.settle(5)
+            stats: dict = {}
+            out = [t async for t in client.stream(IDS, 30, before_step=hook, stats=stats, stop_at_eos=False)]
+            return out, stats
+
+    try:
+        got, stats = run(go())
+    finally:
+        for p in stopped:
+            p.kill(signal.SIGCONT)
+    assert got == clean
+    victim = stopped[0].peer_id
+    ev = next(ev for ev in stats["failovers"] if ev.dropped == victim)
+    assert ev.stall_s < 10
+    assert victim not in _route_peers(stats)
+    assert stats["pushed_steps"] >= 25  # pushes went on through the replacement
+
+
 def test_three_kills_in_one_long_answer(tiny_model, local_swarm) -> None:
     spans = [(0, 2), (2, 4), (4, 6)]
     peers = _replicated_swarm(tiny_model, local_swarm(), spans, 2)
