@@ -126,6 +126,18 @@ async def open_client(addrs: list[str], ids: list[int], threads: int):
     return client
 
 
+async def both_ways(client, ids: list[int], tokens: int):
+    """One answer with steps pushed (each one, or it is no figure of pushing), one hop by hop."""
+    out = []
+    for push in (True, False):
+        client.config.push = push
+        r = await client.generate(ids, tokens, stop_at_eos=False)
+        if push and r.pushed_steps < tokens - 1:
+            raise SystemExit(f"only {r.pushed_steps} of {tokens - 1} decode steps went peer to peer")
+        out.append(r)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -157,10 +169,9 @@ def far_apart(args: argparse.Namespace, ids: list[int], spans: list[tuple[int, i
                 client = await open_client([p.addr for p in peers], ids, args.threads)
                 try:
                     for i in range(args.rounds):
-                        for name, push in (("push", True), ("hop by hop", False)):
-                            client.config.push = push
-                            r = await client.generate(ids, args.tokens, stop_at_eos=False)
-                            runs[name].append(r.decode_tokens_per_s)
+                        pushed, by_hop = await both_ways(client, ids, args.tokens)
+                        runs["push"].append(pushed.decode_tokens_per_s)
+                        runs["hop by hop"].append(by_hop.decode_tokens_per_s)
                         print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " tokens/s", flush=True)
                 finally:
                     await client.close()
@@ -227,11 +238,7 @@ def main() -> int:
             client = await open_client([p.addr for p in peers], ids, args.threads)
             try:
                 for i in range(args.rounds):
-                    for name, push in (("swarm", True), ("swarm hop by hop", False)):
-                        client.config.push = push
-                        r = await client.generate(ids, args.tokens, stop_at_eos=False)
-                        if push and r.pushed_steps < args.tokens - 1:
-                            raise SystemExit(f"only {r.pushed_steps} of {args.tokens - 1} decode steps went peer to peer")
+                    for name, r in zip(("swarm", "swarm hop by hop"), await both_ways(client, ids, args.tokens)):
                         runs[name].append((r.decode_tokens_per_s, r.ttft_s))
                     for name, b in baselines.items():
                         runs[name].append(await asyncio.to_thread(b.run))
