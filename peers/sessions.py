@@ -2,9 +2,9 @@
 
 A session belongs to the connection that opened it: only that caller can use it, and it ends
 when the connection does. The one exception is a push: the peer before it on the chain may hand
-rows in, if it shows the session's push token, which only the owner was told. Each session reserves `max_length` cache tokens up front, so the peer
-never promises more memory than its budget; a full peer says `overloaded` and the client routes
-around it.
+rows in, if it shows the session's push token, which only the owner was told. Each session
+reserves `max_length` cache tokens up front, so the peer never promises more memory than its
+budget; a full peer says `overloaded` and the client routes around it.
 """
 
 from __future__ import annotations

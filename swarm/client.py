@@ -46,7 +46,7 @@ class ClientConfig:
     torch_threads: int | None = None  # intra-op threads for the local head
     swarm_key: Any = None  # a private swarm's shared secret (swarm.secure), None for public
     verify: float = 0.0  # fraction of steps a second peer re-computes and compares (1.0: all)
-    push: bool = True  # decode steps go peer to peer (Forward.next); False: each hop via us
+    push: bool = True  # steps go peer to peer (Forward.next; not long prompts); False: each hop via us
 
 
 @dataclass

@@ -69,3 +69,16 @@ def test_the_gate_caps_connections_and_their_rate_per_address() -> None:
     assert g.admit("3.3.3.3", 1.0) is None
     assert g.admit("4.4.4.4", 1.0) == "too many connections"  # 5 open in all
     assert dict(g.refused) == {"per_address": 1, "rate": 1, "total": 1}
+
+
+def test_a_push_needs_the_sessions_token() -> None:
+    t = table()
+    a = t.open(1, "a", 0, 2, 8, "float32", None, now=0.0)
+    b = t.open(1, "a", 0, 2, 8, "float32", None, now=0.0)
+    assert len(a.token) == 16 and a.token != b.token
+    assert t.pushed(a.id, a.token, now=5.0) is a and a.last_used == 5.0
+    for sid, token in ((a.id, b.token), (a.id, b""), (999, a.token)):
+        with pytest.raises(SessionError) as e:
+            t.pushed(sid, token, now=6.0)
+        assert e.value.code == "unknown_session"
+    assert a.last_used == 5.0

@@ -80,3 +80,20 @@ def test_any_bytes_parse_or_raise_the_protocols_own_error(body: bytes) -> None:
     except ProtocolError:
         return
     assert isinstance(msg, wire.Message)
+
+
+def test_a_push_names_its_hops_and_carries_rows() -> None:
+    h = torch.randn(1, 2, 8)
+    m = roundtrip(wire.Forward(9, session=1, position=4, hidden=h, next=(wire.NextHop("pabc", 7, b"t" * 16),),
+                               token=b"k" * 16, carried=(h, h * 2)))
+    assert m.next == (wire.NextHop("pabc", 7, b"t" * 16),) and m.token == b"k" * 16
+    assert torch.equal(m.carried[1], h * 2)
+    plain = roundtrip(wire.Forward(9, session=1, position=4, hidden=h))  # an older peer's frame
+    assert plain.next == () and plain.token == b"" and plain.carried == ()
+    body = wire.Forward(9, session=1, position=4, hidden=h).to_wire()
+    body["next"] = [{"peer": "pabc", "session": "seven", "token": b""}]
+    with pytest.raises(ProtocolError, match=r"forward.next\[0\].session: expected an integer"):
+        wire.decode_body(msgpack.packb(body, use_bin_type=True))
+    body["next"] = [{"peer": "pabc", "session": 7}]
+    with pytest.raises(ProtocolError, match="missing field 'token'"):
+        wire.decode_body(msgpack.packb(body, use_bin_type=True))
