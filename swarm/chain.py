@@ -113,24 +113,31 @@ class Chain:
     pushed_steps: int = 0  # steps that went peer to peer, for --json
 
     async def open(self, num_blocks: int) -> None:
-        """Open a session on every hop of the best route. A peer that refuses (full, gone) is
-        banned for a while and the rest of the chain is routed again from where it failed."""
+        """Open a session on every hop of the best route, all at once. A peer that refuses (full,
+        gone) is banned for a while and the rest of the chain is routed again from where it failed."""
         await self.host.refresh_rtts()
         start = 0
         while start < num_blocks:
             route = await self.host.plan(start, num_blocks)
-            for hop in route:
-                try:
-                    self.hops.append(await self._open_hop(hop))
-                    start = hop.end
-                except (PeerUnavailable, RemoteError) as e:
-                    if len(self.failovers) >= self.max_failovers:
-                        raise SwarmError(f"gave up after {self.max_failovers} refused sessions; last error: {e}") from None
-                    code = getattr(e, "code", "unavailable")
-                    self.host.ban(hop.peer_id, _ban_seconds(code))
-                    self.failovers.append(FailoverEvent(0, hop.peer_id, (hop.start, hop.end), str(e), [], 0.0))
-                    log.info("%s refused a session for blocks %d:%d: %s", hop.peer_id[:10], hop.start, hop.end, e)
-                    break
+            # every hop at once: between machines each open is a round trip of its own
+            opened = await asyncio.gather(*(self._open_hop(hop) for hop in route), return_exceptions=True)
+            refused = False
+            for hop, got in zip(route, opened):
+                if isinstance(got, LiveHop):
+                    if refused:  # past a refusal: that part of the route is planned again
+                        await self._close_quietly(got)
+                    else:
+                        self.hops.append(got)
+                        start = hop.end
+                    continue
+                if not isinstance(got, (PeerUnavailable, RemoteError)):
+                    raise got
+                refused = True
+                if len(self.failovers) >= self.max_failovers:
+                    raise SwarmError(f"gave up after {self.max_failovers} refused sessions; last error: {got}") from None
+                self.host.ban(hop.peer_id, _ban_seconds(getattr(got, "code", "unavailable")))
+                self.failovers.append(FailoverEvent(0, hop.peer_id, (hop.start, hop.end), str(got), [], 0.0))
+                log.info("%s refused a session for blocks %d:%d: %s", hop.peer_id[:10], hop.start, hop.end, got)
         self.routes.append([h.hop.to_json() for h in self.hops])
         await self._introduce()
 

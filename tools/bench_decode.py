@@ -150,6 +150,7 @@ def far_apart(args: argparse.Namespace, ids: list[int], spans: list[tuple[int, i
 
     proxies: list[subprocess.Popen] = []
     runs: dict[str, list[float]] = {"push": [], "hop by hop": []}
+    ttfts: list[float] = []
     try:
         with LocalSwarm() as swarm:
             arg_lists = []
@@ -172,6 +173,7 @@ def far_apart(args: argparse.Namespace, ids: list[int], spans: list[tuple[int, i
                         pushed, by_hop = await both_ways(client, ids, args.tokens)
                         runs["push"].append(pushed.decode_tokens_per_s)
                         runs["hop by hop"].append(by_hop.decode_tokens_per_s)
+                        ttfts.append(pushed.ttft_s)
                         print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " tokens/s", flush=True)
                 finally:
                     await client.close()
@@ -190,6 +192,7 @@ def far_apart(args: argparse.Namespace, ids: list[int], spans: list[tuple[int, i
     print(f"| handed peer to peer (default) | {n + 1} | {push:.1f} | {1000 / push:.1f} |")
     print(f"| hop by hop through the client | {2 * n} | {star:.1f} | {1000 / star:.1f} |")
     print(f"the hand-off saves {1000 / star - 1000 / push:.1f} ms per token ({(n - 1) * args.delay_ms:g} ms of delay by the count)")
+    print(f"time to first token (sessions opened, prompt pushed): {statistics.median(ttfts) * 1000:.0f} ms")
 
 
 def main() -> int:
