@@ -231,12 +231,10 @@ class Chain:
         hop could not reach the next, nobody answered, a wrong answer)."""
         hops = self.hops
         rid = next_request_id()
-        conns = list({id(lh.conn): lh.conn for lh in hops}.values())
+        waits: dict[asyncio.Future[wire.Message], Connection] = {}  # an answer may come on any hop
         try:
-            waits = {asyncio.ensure_future(c.expect(rid)): c for c in conns}
-        except PeerUnavailable:
-            return None, False
-        try:
+            for c in {id(lh.conn): lh.conn for lh in hops}.values():
+                waits[c.expect(rid)] = c
             nxt = tuple(wire.NextHop(lh.hop.peer_id, lh.session, lh.token) for lh in hops[1:])
             await hops[0].conn.send(wire.Forward(rid, session=hops[0].session, position=self.position, hidden=x, next=nxt))
             # one bound for the chain: a hung hop costs this once, then hop by hop finds it

@@ -103,8 +103,6 @@ class Connection:
                 reply = await fut
         except asyncio.TimeoutError:
             raise PeerUnavailable(f"{self.peer} did not answer within {timeout:.1f}s", peer=self.peer) from None
-        except (ConnectionError, OSError) as e:
-            raise PeerUnavailable(f"lost connection to {self.peer}: {e}", peer=self.peer) from None
         finally:
             self.forget(rid)
         return self.check_reply(reply, expect)
