@@ -207,13 +207,14 @@ async def serve_frames(
                 first = await _bounded(reader.readexactly(1), idle_timeout, allow_eof=True)
                 if first is None:
                     return
-                rest = await _bounded(reader.readexactly(wire.HEADER.size - 1), frame_timeout, allow_eof=False)
-                try:
-                    n = wire.frame_length(first + rest, max_frame)
-                except ProtocolError as e:
-                    writer.write(wire.encode(wire.Error(0, "frame_too_large", str(e))))
-                    return
-                body = await _bounded(reader.readexactly(n), frame_timeout, allow_eof=False)
+                async with asyncio.timeout(frame_timeout):  # one bound for the rest of the frame
+                    header = first + await reader.readexactly(wire.HEADER.size - 1)
+                    try:
+                        n = wire.frame_length(header, max_frame)
+                    except ProtocolError as e:
+                        writer.write(wire.encode(wire.Error(0, "frame_too_large", str(e))))
+                        return
+                    body = await reader.readexactly(n)
             except asyncio.TimeoutError:
                 return  # idle, or a frame trickling in too slowly to be honest
             try:

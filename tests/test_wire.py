@@ -97,3 +97,61 @@ def test_a_push_names_its_hops_and_carries_rows() -> None:
     body["next"] = [{"peer": "pabc", "session": 7}]
     with pytest.raises(ProtocolError, match="missing field 'token'"):
         wire.decode_body(msgpack.packb(body, use_bin_type=True))
+
+
+def test_a_frame_is_exactly_the_documented_msgpack_map() -> None:
+    """Pins the format byte for byte: `t`, then the fields in declaration order, tensors as raw
+    little-endian bytes in C order (strided and half-precision tensors included)."""
+    import struct
+
+    h = torch.arange(6, dtype=torch.float32).reshape(2, 3).t().unsqueeze(0)  # [1, 3, 2], strided
+    c = torch.arange(4, dtype=torch.float32).reshape(1, 1, 4).half()
+    msg = wire.Forward(7, session=3, position=11, hidden=h, next=(wire.NextHop("pabc", 5, b"k" * 4),),
+                       token=b"t" * 4, carried=(c,))
+    expected = msgpack.packb({
+        "t": "forward", "id": 7, "session": 3, "position": 11,
+        "hidden": {"dtype": "float32", "shape": [1, 3, 2], "data": struct.pack("<6f", 0, 3, 1, 4, 2, 5)},
+        "next": [{"peer": "pabc", "session": 5, "token": b"k" * 4}],
+        "token": b"t" * 4,
+        "carried": [{"dtype": "float16", "shape": [1, 1, 4], "data": struct.pack("<4e", 0, 1, 2, 3)}],
+    }, use_bin_type=True)
+    assert wire.encode(msg) == wire.HEADER.pack(len(expected)) + expected
+    bf = torch.tensor([[1.0, -2.0]], dtype=torch.bfloat16)
+    assert wire.tensor_to_wire(bf) == {"dtype": "bfloat16", "shape": [1, 2], "data": b"\x80\x3f\x00\xc0"}
+    grad = torch.ones(1, 2, requires_grad=True)
+    assert wire.tensor_to_wire(grad)["data"] == struct.pack("<2f", 1, 1)
+    assert wire.tensor_to_wire(torch.empty(0, 3)) == {"dtype": "float32", "shape": [0, 3], "data": b""}
+    with pytest.raises(ProtocolError, match="cannot travel on the wire"):
+        wire.tensor_to_wire(torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_received_tensor_is_a_writable_copy_of_the_frame(dtype: torch.dtype) -> None:
+    h = torch.randn(1, 2, 3).to(dtype)
+    body = wire.encode(wire.ForwardResult(1, hidden=h, carried=(h,)))[4:]
+    before = bytes(body)
+    got = wire.decode_body(body)
+    assert isinstance(got, wire.ForwardResult)
+    assert got.hidden.dtype == dtype and got.hidden.shape == (1, 2, 3) and got.hidden.is_contiguous()
+    assert torch.equal(got.hidden, h) and torch.equal(got.carried[0], h)
+    got.hidden.add_(1)  # writable (no warning, no error) and private
+    assert body == before and torch.equal(got.carried[0], h)
+
+
+def test_declared_types_are_checked_with_the_same_messages() -> None:
+    with pytest.raises(ProtocolError, match=r"^f\[1\]: expected an integer$"):
+        wire._check(tuple[int, ...], [1, "x"], "f")
+    assert wire._check(tuple[int, ...], [1, 2], "f") == (1, 2)
+    assert wire._check(float, 2, "f") == 2.0 and type(wire._check(float, 2, "f")) is float
+    assert wire._check(bytes, bytearray(b"ab"), "f") == b"ab"
+    assert wire._check(int | None, None, "f") is None
+    with pytest.raises(ProtocolError, match=r"^f: expected an integer$"):
+        wire._check(int | None, "x", "f")
+    with pytest.raises(ProtocolError, match=r"^f: expected a map$"):
+        wire._check(wire.NextHop, [], "f")
+    body = wire.ForwardResult(1, hidden=torch.zeros(1, 1)).to_wire()
+    body["carried"] = [body["hidden"], {"dtype": "float32", "shape": [1, 2], "data": b"\0" * 4}]
+    with pytest.raises(ProtocolError, match=r"field 'result.carried\[1\]': 4 bytes do not match shape \[1, 2\]"):
+        wire.decode_body(msgpack.packb(body, use_bin_type=True))
+    with pytest.raises(TypeError, match="unsupported field type"):
+        wire._check(set, [], "f")
