@@ -74,11 +74,12 @@ def transformers_worker(ids: list[int], tokens: int, threads: int) -> None:
         print(f"RESULT {(n - 1) / (dt - ttft)} {ttft}", flush=True)
 
 
-class Baseline:
-    """A transformers worker process (above), asked for one timed generation at a time."""
+class Worker:
+    """A process that prints READY once set up, then one RESULT line for each line it reads: the
+    transformers baseline here, each side of tools/ab_decode.py."""
 
-    def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
-        cmd = [sys.executable, __file__, "--transformers-worker", "--tokens", str(args.tokens), "--threads", str(args.threads)]
+    def __init__(self, cmd: list[str], env: dict[str, str], name: str) -> None:
+        self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._expect("READY")
 
@@ -87,19 +88,25 @@ class Baseline:
         for line in self.proc.stdout:
             if line.startswith(word):
                 return line
-        raise SystemExit(f"the transformers worker exited ({self.proc.wait()}) before printing {word}")
+        raise SystemExit(f"the {self.name} exited ({self.proc.wait()}) before printing {word}")
 
-    def run(self) -> tuple[float, float]:
+    def ask(self) -> list[float]:
+        """One more result: the numbers of its RESULT line."""
         assert self.proc.stdin is not None
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
-        tps, ttft = self._expect("RESULT").split()[1:]
-        return float(tps), float(ttft)
+        return [float(x) for x in self._expect("RESULT").split()[1:]]
 
     def close(self) -> None:
         if self.proc.stdin:
             self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=60)
+
+
+def start_baseline(args: argparse.Namespace, env: dict[str, str]) -> Worker:
+    """transformers in a process of its own (`transformers_worker`): RESULT tokens/s, TTFT."""
+    cmd = [sys.executable, __file__, "--transformers-worker", "--tokens", str(args.tokens), "--threads", str(args.threads)]
+    return Worker(cmd, env, "transformers worker")
 
 
 async def bench_swarm_warm(addr: str) -> None:
@@ -235,7 +242,7 @@ def main() -> int:
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
     with LocalSwarm() as swarm:
         peers = swarm.start_many([["--blocks", f"{s}:{e}", "--no-mdns", "--threads", str(args.threads)] for s, e in spans])
-        baselines = {"transformers": Baseline(args, plain_env), "transformers+spin": Baseline(args, dict(os.environ))}
+        baselines = {"transformers": start_baseline(args, plain_env), "transformers+spin": start_baseline(args, dict(os.environ))}
 
         async def rounds() -> None:
             client = await open_client([p.addr for p in peers], ids, args.threads)
@@ -244,7 +251,7 @@ def main() -> int:
                     for name, r in zip(("swarm", "swarm hop by hop"), await both_ways(client, ids, args.tokens)):
                         runs[name].append((r.decode_tokens_per_s, r.ttft_s))
                     for name, b in baselines.items():
-                        runs[name].append(await asyncio.to_thread(b.run))
+                        runs[name].append(tuple(await asyncio.to_thread(b.ask)))
                     print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f}" for k, v in runs.items()) + " tokens/s", flush=True)
             finally:
                 await client.close()
