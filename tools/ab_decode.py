@@ -27,10 +27,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def side(repo: str, tokens: int, threads: int) -> None:
+def side(repo: str, prompt: str, tokens: int, threads: int) -> None:
     """One swarm from the code in `repo`: READY, then one answer per line read from stdin."""
     os.chdir(repo)  # the peers run `python -m swarm.cli` from here: this side's code
     sys.path.insert(0, repo)
@@ -39,7 +38,7 @@ def side(repo: str, tokens: int, threads: int) -> None:
     from swarm.prepare import prepare
 
     m = prepare("smollm2-135m")
-    ids = chat_ids(load_tokenizer(m), PROMPT)
+    ids = chat_ids(load_tokenizer(m), prompt)
     with LocalSwarm() as swarm:
         peers = swarm.start_many([["--blocks", f"{s}:{e}", "--no-mdns", "--threads", str(threads)] for s, e in thirds(m.num_blocks, 3)])
 
@@ -56,9 +55,10 @@ def side(repo: str, tokens: int, threads: int) -> None:
 
 
 def start_side(name: str, repo: Path, env: dict[str, str], args: argparse.Namespace):
-    from bench_decode import Worker  # not at the top: a side must import only its own revision's swarm
+    # not at the top: a side process must import no swarm but its own revision's
+    from bench_decode import PROMPT, Worker
 
-    cmd = [sys.executable, __file__, "--side", str(repo), "--tokens", str(args.tokens), "--threads", str(args.threads)]
+    cmd = [sys.executable, __file__, "--side", str(repo), "--prompt", PROMPT, "--tokens", str(args.tokens), "--threads", str(args.threads)]
     return Worker(cmd, env, f"{name} side")
 
 
@@ -81,9 +81,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every process")
     ap.add_argument("--side", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        side(args.side, args.tokens, args.threads)
+        side(args.side, args.prompt, args.tokens, args.threads)
         return 0
     if not args.old and not args.old_env and not args.new_env:
         raise SystemExit("nothing to compare: give --old REV, --old-env or --new-env")
@@ -93,7 +94,11 @@ def main() -> int:
         old_repo = ROOT
         if args.old:
             worktree = Path(tempfile.mkdtemp(prefix="swarm-ab-"))
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.old], check=True, capture_output=True)
+            made = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.old], capture_output=True, text=True)
+            if made.returncode != 0:
+                worktree.rmdir()
+                worktree = None
+                raise SystemExit(f"cannot check out {args.old!r}: {made.stderr.strip()}")
             old_repo = worktree
         sides.append(start_side("old", old_repo, env_with(args.old_env), args))
         sides.append(start_side("new", ROOT, env_with(args.new_env), args))

@@ -30,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+from bench_decode import PROMPT  # noqa: E402  (the same answer as the decode benchmark)
 
 _out = None
 
