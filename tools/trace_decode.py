@@ -44,31 +44,28 @@ def mark(probe: str, position: int, t: float) -> None:
 
 
 def _around(owner: object, name: str, probe: str, position) -> None:
-    """Wrap owner.name (sync or async) so it marks probe+"0" on entry and probe+"1" on return;
+    """Wrap owner.name (sync or async) so it marks probe+"0" at entry and probe+"1" at return;
     `position(args, result)` says which token's step it was (None: not one to mark)."""
     fn = getattr(owner, name)
+
+    def marked(args: tuple, out: object, t0: float) -> object:
+        t1 = time.perf_counter()
+        pos = position(args, out)
+        if pos is not None:
+            mark(probe + "0", pos, t0)
+            mark(probe + "1", pos, t1)
+        return out
+
     if asyncio.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def wrapped(*args, **kw):
             t0 = time.perf_counter()
-            out = await fn(*args, **kw)
-            t1 = time.perf_counter()
-            pos = position(args, out)
-            if pos is not None:
-                mark(probe + "0", pos, t0)
-                mark(probe + "1", pos, t1)
-            return out
+            return marked(args, await fn(*args, **kw), t0)
     else:
         @functools.wraps(fn)
         def wrapped(*args, **kw):
             t0 = time.perf_counter()
-            out = fn(*args, **kw)
-            t1 = time.perf_counter()
-            pos = position(args, out)
-            if pos is not None:
-                mark(probe + "0", pos, t0)
-                mark(probe + "1", pos, t1)
-            return out
+            return marked(args, fn(*args, **kw), t0)
     setattr(owner, name, wrapped)
 
 
