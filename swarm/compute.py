@@ -77,30 +77,28 @@ def _work() -> None:
         del value, fut, loop
 
 
-def _start() -> None:
+def _submit(fn: Callable, args: tuple, loop: asyncio.AbstractEventLoop | None, fut) -> None:
     global _thread
-    with _lock:
-        if _thread is None:
-            _thread = threading.Thread(target=_work, name="torch", daemon=True)
-            _thread.start()
+    if _thread is None:
+        with _lock:
+            if _thread is None:
+                _thread = threading.Thread(target=_work, name="torch", daemon=True)
+                _thread.start()
+    _jobs.put((fn, args, loop, fut))
 
 
 async def run(fn: Callable[..., T], *args: object) -> T:
     """Run `fn(*args)` on the process's torch thread and await its result."""
-    if _thread is None:
-        _start()
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
-    _jobs.put((fn, args, loop, fut))
+    _submit(fn, args, loop, fut)
     return await fut
 
 
 def run_sync(fn: Callable[..., T], *args: object) -> T:
     """The same from code that is not on an event loop (it blocks until the result is in)."""
-    if _thread is None:
-        _start()
     fut: concurrent.futures.Future = concurrent.futures.Future()
-    _jobs.put((fn, args, None, fut))
+    _submit(fn, args, None, fut)
     return fut.result()
 
 

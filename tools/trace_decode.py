@@ -176,9 +176,12 @@ def main() -> int:
 
         last_start = asyncio.run(answers())
         pids = [p.pid for p in peers]
-    keep = lambda rows: [r for r in rows if r[2] >= last_start]  # noqa: E731
-    client = sorted(keep(load(trace_dir / f"{os.getpid()}.txt")), key=lambda r: r[2])  # a probe writes at its exit
-    peer_rows = [keep(load(trace_dir / f"{pid}.txt")) for pid in pids]
+    def last_answer(pid: int) -> list[tuple[str, int, float]]:
+        # sorted by time: a probe writes both its marks when its function returns
+        return sorted((r for r in load(trace_dir / f"{pid}.txt") if r[2] >= last_start), key=lambda r: r[2])
+
+    client = last_answer(os.getpid())
+    peer_rows = [last_answer(pid) for pid in pids]
     segs = segments(client, peer_rows)
     if not segs:
         raise SystemExit("no pushed decode step was traced (are the peers pushing?)")
