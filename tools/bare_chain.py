@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -169,7 +168,7 @@ def main() -> int:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
-    from bench_decode import ORIGINAL_ENV, PROMPT, SPIN_ROUNDS, open_client, start_baseline
+    from bench_decode import ORIGINAL_ENV, PROMPT, SPIN_ROUNDS, Runs, median, start_baseline, take_turns
 
     from swarm import compute
     from swarm.client import chat_ids, load_tokenizer
@@ -182,7 +181,7 @@ def main() -> int:
     env = dict(os.environ)
     if env.get("GOMP_SPINCOUNT") == SPIN_ROUNDS and "GOMP_SPINCOUNT" not in ORIGINAL_ENV:
         env.pop("GOMP_SPINCOUNT")  # transformers as it runs without swarm, as bench_decode does
-    runs: dict[str, list[float]] = {"transformers": [], "bare chain": [], "swarm": []}
+    runs: Runs = {"transformers": [], "bare chain": [], "swarm": []}
     answers: dict[str, list[int]] = {}
     with LocalSwarm() as swarm:
         peers = swarm.start_many([["--blocks", f"{s}:{e}", "--no-mdns", "--threads", str(args.threads)] for s, e in spans])
@@ -190,28 +189,22 @@ def main() -> int:
         bare = BareChain(spans, args.threads)
         compute.run_sync(bare.generate, ids, 8)  # warm-up, as the swarm's client gets
 
-        async def rounds() -> None:
-            client = await open_client([p.addr for p in peers], ids, args.threads)
-            try:
-                for i in range(args.rounds):
-                    runs["transformers"].append((await asyncio.to_thread(baseline.ask))[0])
-                    answers["bare chain"], tps, _ = await compute.run(bare.generate, ids, args.tokens)
-                    runs["bare chain"].append(tps)
-                    r = await client.generate(ids, args.tokens, stop_at_eos=False)
-                    answers["swarm"] = r.tokens
-                    runs["swarm"].append(r.decode_tokens_per_s)
-                    print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " tokens/s", flush=True)
-            finally:
-                await client.close()
+        async def turn(client) -> None:
+            runs["transformers"].append(tuple(await asyncio.to_thread(baseline.ask)))
+            answers["bare chain"], tps, ttft = await compute.run(bare.generate, ids, args.tokens)
+            runs["bare chain"].append((tps, ttft))
+            r = await client.generate(ids, args.tokens, stop_at_eos=False)
+            answers["swarm"] = r.tokens
+            runs["swarm"].append((r.decode_tokens_per_s, r.ttft_s))
 
         try:
-            asyncio.run(rounds())
+            take_turns([p.addr for p in peers], ids, args, runs, turn)
         finally:
             baseline.close()
             bare.close()
     if answers["bare chain"] != answers["swarm"]:
         raise SystemExit("the bare chain and the swarm answered with different tokens")
-    hf, chain, sw = (statistics.median(runs[k]) for k in ("transformers", "bare chain", "swarm"))
+    hf, chain, sw = (median(runs, k) for k in ("transformers", "bare chain", "swarm"))
     print()
     print(f"model smollm2-135m fp32, {args.tokens} greedy tokens, {args.threads} torch threads per process, "
           f"{args.peers} stages, medians of {args.rounds} rounds (the same tokens from both chains)")
@@ -221,7 +214,7 @@ def main() -> int:
     print(f"| bare chain: the same blocks and head, plain blocking sockets | {chain:.1f} | {chain / hf:.3f} |")
     print(f"| swarm, steps handed peer to peer | {sw:.1f} | {sw / hf:.3f} |")
     print(f"swarm / bare chain: {sw / chain:.3f} (per round: "
-          + ", ".join(f"{s / c:.2f}" for s, c in zip(runs["swarm"], runs["bare chain"])) + ")")
+          + ", ".join(f"{s[0] / c[0]:.2f}" for s, c in zip(runs["swarm"], runs["bare chain"])) + ")")
     return 0
 
 

@@ -133,6 +133,30 @@ async def open_client(addrs: list[str], ids: list[int], threads: int):
     return client
 
 
+Runs = dict[str, list[tuple[float, float]]]  # side -> (decode tokens/s, time to first token) per round
+
+
+def take_turns(addrs: list[str], ids: list[int], args: argparse.Namespace, runs: Runs, turn) -> None:
+    """Open a warmed-up client on the swarm at `addrs`, then once per round await `turn(client)`,
+    which appends one result to each side of `runs`, and print the round."""
+
+    async def rounds() -> None:
+        client = await open_client(addrs, ids, args.threads)
+        try:
+            for i in range(args.rounds):
+                await turn(client)
+                print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f}" for k, v in runs.items()) + " tokens/s", flush=True)
+        finally:
+            await client.close()
+
+    asyncio.run(rounds())
+
+
+def median(runs: Runs, side: str, i: int = 0) -> float:
+    """The median of a side's tokens/s (i=0) or time to first token (i=1)."""
+    return statistics.median(r[i] for r in runs[side])
+
+
 async def both_ways(client, ids: list[int], tokens: int):
     """One answer with steps pushed (each one, or it is no figure of pushing), one hop by hop."""
     out = []
@@ -156,8 +180,7 @@ def far_apart(args: argparse.Namespace, ids: list[int], spans: list[tuple[int, i
     from swarm.local import LocalSwarm
 
     proxies: list[subprocess.Popen] = []
-    runs: dict[str, list[float]] = {"push": [], "hop by hop": []}
-    ttfts: list[float] = []
+    runs: Runs = {"push": [], "hop by hop": []}
     try:
         with LocalSwarm() as swarm:
             arg_lists = []
@@ -173,24 +196,16 @@ def far_apart(args: argparse.Namespace, ids: list[int], spans: list[tuple[int, i
                                   "--announce", f"127.0.0.1:{line.split()[1]}"])
             peers = swarm.start_many(arg_lists)
 
-            async def rounds() -> None:
-                client = await open_client([p.addr for p in peers], ids, args.threads)
-                try:
-                    for i in range(args.rounds):
-                        pushed, by_hop = await both_ways(client, ids, args.tokens)
-                        runs["push"].append(pushed.decode_tokens_per_s)
-                        runs["hop by hop"].append(by_hop.decode_tokens_per_s)
-                        ttfts.append(pushed.ttft_s)
-                        print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " tokens/s", flush=True)
-                finally:
-                    await client.close()
+            async def turn(client) -> None:
+                for name, r in zip(runs, await both_ways(client, ids, args.tokens)):
+                    runs[name].append((r.decode_tokens_per_s, r.ttft_s))
 
-            asyncio.run(rounds())
+            take_turns([p.addr for p in peers], ids, args, runs, turn)
     finally:
         for px in proxies:
             px.terminate()
             px.wait(10)
-    push, star = (statistics.median(runs[k]) for k in ("push", "hop by hop"))
+    push, star = (median(runs, k) for k in ("push", "hop by hop"))
     n = len(spans)
     print()
     print(f"{n} peers, each behind a proxy adding {args.delay_ms:g} ms each way; {args.tokens} greedy tokens, medians of {args.rounds} rounds")
@@ -199,7 +214,7 @@ def far_apart(args: argparse.Namespace, ids: list[int], spans: list[tuple[int, i
     print(f"| handed peer to peer (default) | {n + 1} | {push:.1f} | {1000 / push:.1f} |")
     print(f"| hop by hop through the client | {2 * n} | {star:.1f} | {1000 / star:.1f} |")
     print(f"the hand-off saves {1000 / star - 1000 / push:.1f} ms per token ({(n - 1) * args.delay_ms:g} ms of delay by the count)")
-    print(f"time to first token (sessions opened, prompt pushed): {statistics.median(ttfts) * 1000:.0f} ms")
+    print(f"time to first token (sessions opened, prompt pushed): {median(runs, 'push', 1) * 1000:.0f} ms")
 
 
 def main() -> int:
@@ -239,25 +254,19 @@ def main() -> int:
         far_apart(args, ids, spans)
         return 0
     sides = ["transformers", "transformers+spin", "swarm", "swarm hop by hop"]
-    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
+    runs: Runs = {k: [] for k in sides}
     with LocalSwarm() as swarm:
         peers = swarm.start_many([["--blocks", f"{s}:{e}", "--no-mdns", "--threads", str(args.threads)] for s, e in spans])
         baselines = {"transformers": start_baseline(args, plain_env), "transformers+spin": start_baseline(args, dict(os.environ))}
 
-        async def rounds() -> None:
-            client = await open_client([p.addr for p in peers], ids, args.threads)
-            try:
-                for i in range(args.rounds):
-                    for name, r in zip(("swarm", "swarm hop by hop"), await both_ways(client, ids, args.tokens)):
-                        runs[name].append((r.decode_tokens_per_s, r.ttft_s))
-                    for name, b in baselines.items():
-                        runs[name].append(tuple(await asyncio.to_thread(b.ask)))
-                    print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f}" for k, v in runs.items()) + " tokens/s", flush=True)
-            finally:
-                await client.close()
+        async def turn(client) -> None:
+            for name, r in zip(("swarm", "swarm hop by hop"), await both_ways(client, ids, args.tokens)):
+                runs[name].append((r.decode_tokens_per_s, r.ttft_s))
+            for name, b in baselines.items():
+                runs[name].append(tuple(await asyncio.to_thread(b.ask)))
 
         try:
-            asyncio.run(rounds())
+            take_turns([p.addr for p in peers], ids, args, runs, turn)
         finally:
             for b in baselines.values():
                 b.close()
@@ -267,24 +276,21 @@ def main() -> int:
         asyncio.run(bench_swarm_warm(one.addr))
         baseline = rss_mib(one.pid) - m.blocks[0].bytes / 2**20
 
-    def med(name: str, i: int) -> float:
-        return statistics.median(r[i] for r in runs[name])
-
-    hf_tps = med("transformers", 0)
+    hf_tps = median(runs, "transformers", 0)
     total_bytes = sum(b.bytes for b in m.blocks) + m.client.bytes
     print()
     print(f"model smollm2-135m fp32, prompt {len(ids)} tokens, {args.tokens} greedy tokens, {args.threads} torch threads "
           f"per process, medians of {args.rounds} alternating rounds")
     print("| run | decode tokens/s | time to first token |")
     print("| --- | --- | --- |")
-    print(f"| transformers generate(), one process | {hf_tps:.1f} | {med('transformers', 1) * 1000:.0f} ms |")
-    print(f"| same, GOMP_SPINCOUNT={SPIN_ROUNDS} as in swarm's processes | {med('transformers+spin', 0):.1f} | "
-          f"{med('transformers+spin', 1) * 1000:.0f} ms |")
-    print(f"| swarm, {args.peers} peers on loopback (TLS), steps handed peer to peer | {med('swarm', 0):.1f} | {med('swarm', 1) * 1000:.0f} ms |")
-    print(f"| same, each hop through the client (push off) | {med('swarm hop by hop', 0):.1f} | {med('swarm hop by hop', 1) * 1000:.0f} ms |")
+    print(f"| transformers generate(), one process | {hf_tps:.1f} | {median(runs, 'transformers', 1) * 1000:.0f} ms |")
+    print(f"| same, GOMP_SPINCOUNT={SPIN_ROUNDS} as in swarm's processes | {median(runs, 'transformers+spin', 0):.1f} | "
+          f"{median(runs, 'transformers+spin', 1) * 1000:.0f} ms |")
+    print(f"| swarm, {args.peers} peers on loopback (TLS), steps handed peer to peer | {median(runs, 'swarm', 0):.1f} | {median(runs, 'swarm', 1) * 1000:.0f} ms |")
+    print(f"| same, each hop through the client (push off) | {median(runs, 'swarm hop by hop', 0):.1f} | {median(runs, 'swarm hop by hop', 1) * 1000:.0f} ms |")
     ratios = [s[0] / h[0] for s, h in zip(runs["swarm"], runs["transformers"])]
-    print(f"ratio swarm / transformers: {med('swarm', 0) / hf_tps:.3f} (per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
-          f"against the spin-set baseline {med('swarm', 0) / med('transformers+spin', 0):.3f})")
+    print(f"ratio swarm / transformers: {median(runs, 'swarm', 0) / hf_tps:.3f} (per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+          f"against the spin-set baseline {median(runs, 'swarm', 0) / median(runs, 'transformers+spin', 0):.3f})")
     print()
     print(f"| peer | blocks | block files | resident memory | resident above the runtime ({baseline:.0f} MiB) |")
     print("| --- | --- | --- | --- | --- |")
