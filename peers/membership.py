@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from swarm import wire
+from swarm import links, wire
 from swarm.directory import split_addr
 from swarm.errors import ProtocolError, SwarmError
 from swarm.gossip import GossipConfig, GossipPush, GossipRecords, GossipReply, GossipTable, PeerRecord
 from swarm.identity import Identity, short
 from swarm.mdns import Discovered, MdnsDiscovery, make_txt
+from swarm.routing import RttTracker
 from swarm.secure import SwarmKey
 from swarm.tasks import TaskSet
 from swarm.transport import Connection
@@ -57,6 +58,7 @@ class Membership:
         self._rng = random.Random()
         self._leaving = False
         self._mdns_txt: dict[str, str] | None = None
+        self.rtt = RttTracker()  # to other peers, from timing every gossip exchange
 
     # --- our record ------------------------------------------------------------------------------
 
@@ -143,6 +145,7 @@ class Membership:
             gone = self.table.expire(now)
             for pid in gone.removed:
                 log.info("peer %s silent: removed", short(pid))
+                self.rtt.forget(pid)
                 await self._drop_conn(pid)
             others = [r for r in self.table.alive(now) if r.peer_id != self.identity.peer_id]
             targets = self._rng.sample(others, min(self.config.fanout, len(others)))
@@ -203,9 +206,12 @@ class Membership:
             push = self.table.make_push(0)
             if final is not None:  # leaving: our leave record first, whatever the rumor queue says
                 push = GossipPush(0, push.digest, (final.to_wire(), *[r for r in push.records if r.get("peer_id") != final.peer_id]), push.lo, push.hi)
+            t0 = time.perf_counter()
             reply = await conn.request(lambda rid: GossipPush(rid, push.digest, push.records, push.lo, push.hi), timeout=self.config.call_timeout)
             if not isinstance(reply, GossipReply):
                 raise ProtocolError(f"expected a gossip reply, got {reply.TYPE}")
+            if conn.remote_id is not None:  # the link a push to that peer would take: see swarm/links.py
+                self.rtt.observe(conn.remote_id, (time.perf_counter() - t0) * 1000)
             result, follow = self.table.on_reply(reply, time.monotonic())
             self._log_merge(result)
             if follow is not None:
@@ -243,3 +249,9 @@ class Membership:
 
     def known(self) -> list[PeerRecord]:
         return self.table.alive(time.monotonic())
+
+    def links(self, start: int, end: int) -> list:
+        """Our record's `links` field for a span [start, end): RTTs to the peers that could follow."""
+        others = [r for r in self.known() if r.peer_id != self.identity.peer_id]
+        measured = {r.peer_id: ms for r in others if (ms := self.rtt.rtt(r.peer_id)) is not None}
+        return links.announce(start, end, ((r.peer_id, r.start, r.end) for r in others), measured)

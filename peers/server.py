@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm import compute, wire
+from swarm import compute, links, wire
 from swarm.blocks import BlockSpan, rewind
 from swarm.errors import ProtocolError, SwarmError
 from swarm.secure import SwarmKey, accept_secure, server_context
@@ -129,6 +129,7 @@ class PeerServer:
     def record_fields(self) -> dict:
         """What our gossip record says now (Membership signs it with a fresh version)."""
         blocks = self.span.end - self.span.start
+        near = self.membership.links(self.span.start, self.span.end) if self.membership is not None else []
         return {
             "addrs": [self.address],
             "model": self.manifest.name,
@@ -142,7 +143,8 @@ class PeerServer:
             "free_cache": self.sessions.free_tokens,
             "sessions": len(self.sessions.sessions),
             "extra": {"num_blocks": self.manifest.num_blocks, "weight_bytes": self.weight_bytes}
-            | ({"pinned": True} if self.config.pinned else {}),
+            | ({"pinned": True} if self.config.pinned else {})
+            | ({links.FIELD: near} if near else {}),
         }
 
     # --- connections ---------------------------------------------------------------------------

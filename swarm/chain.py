@@ -72,7 +72,7 @@ class FailoverEvent:
 class ChainHost(Protocol):
     """What the chain needs from its client (an interface, so tests can drive it in memory)."""
 
-    async def plan(self, start: int, end: int) -> Route: ...
+    async def plan(self, start: int, end: int, before: str | None = None, after: str | None = None) -> Route: ...
     async def refresh_rtts(self) -> None: ...
     async def connection(self, peer_id: str) -> Connection: ...
     def expected_ms(self, hop: Hop, rows: int) -> float: ...
@@ -118,7 +118,7 @@ class Chain:
         await self.host.refresh_rtts()
         start = 0
         while start < num_blocks:
-            route = await self.host.plan(start, num_blocks)
+            route = await self.host.plan(start, num_blocks, before=self.hops[-1].hop.peer_id if self.hops else None)
             # every hop at once: between machines each open is a round trip of its own
             opened = await asyncio.gather(*(self._open_hop(hop) for hop in route), return_exceptions=True)
             refused = False
@@ -306,7 +306,12 @@ class Chain:
             self.host.ban(culprit, _ban_seconds(code))
             self.failovers.append(FailoverEvent(p, culprit, (span_start, span_end), str(err), [], 0.0))
             log.info("dropping %s for blocks %d:%d: %s", culprit[:10], span_start, span_end, err)
-            route = await self.host.plan(span_start, span_end)  # NoRouteError reaches the caller
+            # between the hops that stay; NoRouteError reaches the caller
+            route = await self.host.plan(
+                span_start, span_end,
+                before=self.hops[i - 1].hop.peer_id if i > 0 else None,
+                after=self.hops[i + 1].hop.peer_id if i + 1 < len(self.hops) else None,
+            )
             new_hops: list[LiveHop] = []
             sent: list[tuple[int, torch.Tensor]] = []
             try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import compute, wire
+from . import compute, links, wire
 from .blocks import Head
 from .chain import Chain, FailoverEvent
 from .directory import Directory
@@ -131,17 +131,18 @@ class SwarmClient:
 
     # --- what the chain asks of us ---------------------------------------------------------------
 
-    async def plan(self, start: int, end: int) -> Route:
-        """The best route for blocks [start, end). If no usable peer covers them, ask the swarm
-        again for up to `route_grace_s`: a replacement may have joined that we have not heard of."""
+    async def plan(self, start: int, end: int, before: str | None = None, after: str | None = None) -> Route:
+        """The best route for blocks [start, end) (between the hops `before` and `after` when a
+        chain is mended). If no usable peer covers them, ask the swarm again for up to
+        `route_grace_s`: a replacement may have joined that we have not heard of."""
         deadline = time.monotonic() + self.config.route_grace_s
         while True:
-            candidates = [
-                Candidate(p.peer_id, p.start, p.end, max(p.ms_per_block, 0.01), float(p.sessions))
-                for p in self.directory.peers()
-            ]
+            records = self.directory.peers()
+            candidates = [Candidate(p.peer_id, p.start, p.end, max(p.ms_per_block, 0.01), float(p.sessions)) for p in records]
+            ids = [p.peer_id for p in records]
+            near = {p.peer_id: links.parse(dict(p.extra).get(links.FIELD), ids) for p in records} if self.config.push else None
             try:
-                return plan(candidates, self.rtt, start, end, time.monotonic())
+                return plan(candidates, self.rtt, start, end, time.monotonic(), push=self.config.push, links=near, before=before, after=after)
             except NoRouteError:
                 if time.monotonic() >= deadline:
                     raise

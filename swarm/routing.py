@@ -11,6 +11,12 @@ Rules of the router:
     + load      load * (compute + load_ms)      (see `RouteConfig.load_ms`)
     + hop_ms    a small per-hop epsilon, so of two equally fast chains the shorter wins
 
+* When steps are handed peer to peer (`push`, the client's default), a step crosses the network
+  once into each hop and once back, so a route's network time is half of
+  rtt(client, first) + sum of rtt(hop, next hop) + rtt(last, client), and the rtt between two
+  hops is the one the first of them measured and announced (`links`, see swarm/links.py); where
+  none is known the client's own RTT to the later hop stands in for it. The search then runs over
+  (boundary, previous peer) states, since the price of a hop depends on who hands it the step.
 * The route is the cheapest path from `start` to `end` (Dijkstra with a heap). Exact ties (to a
   micro-millisecond) go to fewer hops, then to the lexicographically smallest list of
   (peer id, start, end): the same inputs always give the same route.
@@ -21,9 +27,13 @@ Because every cost is linear in the number of blocks plus a constant per hop, a 
 ever switches peers where some candidate's span starts or ends (moving a switch point between two
 such boundaries changes the cost linearly, so an end of the interval is never worse). The graph is
 therefore built on those boundaries only: the same answer as on all of 0..L, with far fewer edges.
+With `push` the same holds as long as the prices obey the triangle inequality (a detour through a
+third peer is never quicker than the direct link, as on a real network): a hop shrunk to nothing
+is then dropped at no loss.
 
-Nothing here reads a clock or a socket: `now` is an argument and RTTs arrive through
-`RttTracker.observe`, fed by the client's pings on connect and by its real calls.
+Nothing here reads a clock or a socket: `now` is an argument, RTTs arrive through
+`RttTracker.observe`, fed by the client's pings on connect and by its real calls, and the links
+between peers come in as a mapping read from their records.
 """
 
 from __future__ import annotations
@@ -84,12 +94,16 @@ class Hop:
     end: int
     rtt_ms: float  # round trip to the peer, measured or estimated (see rtt_estimated)
     compute_ms: float  # ms_per_block * (end - start)
-    cost: float  # rtt_ms + compute_ms + load_ms + the per-hop epsilon
+    cost: float  # rtt_ms (net_ms when pushed) + compute_ms + load_ms + the per-hop epsilon
     load_ms: float = 0.0  # the load penalty included in cost
     rtt_estimated: bool = False  # True when the peer was never measured (optimistic estimate)
+    # pushed routes only: the network time charged to this hop (half the way in, plus half the
+    # way back to the client on the last hop), and which peer measured the way in (None: the client)
+    net_ms: float | None = None
+    link_from: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "peer": self.peer_id,
             "span": [self.start, self.end],
             "cost_ms": round(self.cost, 3),
@@ -98,6 +112,10 @@ class Hop:
             "compute_ms": round(self.compute_ms, 3),
             "load_ms": round(self.load_ms, 3),
         }
+        if self.net_ms is not None:
+            out["net_ms"] = round(self.net_ms, 3)
+            out["link_from"] = self.link_from
+        return out
 
 
 @dataclass(frozen=True)
@@ -189,11 +207,18 @@ def shortest_route(
     *,
     estimated: Collection[str] = (),
     config: RouteConfig = RouteConfig(),
+    push: bool = False,
+    links: Mapping[str, Mapping[str, float]] | None = None,
+    before: str | None = None,
+    after: str | None = None,
 ) -> Route:
     """The cheapest chain covering blocks [start, end), or `NoRouteError` naming the gaps.
 
     `rtt_ms` must give an RTT for every candidate's peer (`plan` fills in estimates); the peers
-    in `estimated` are only flagged as such in the hops' reasons.
+    in `estimated` are only flagged as such in the hops' reasons. With `push`, steps travel peer
+    to peer: `links[a][b]` is a's RTT to b as a measured it, and `before`/`after` name the peers
+    that hand the step in and take it on when only part of a chain is planned (after a failure);
+    None is the client.
     """
     if not (0 <= start <= end):
         raise ValueError(f"bad block range [{start}, {end})")
@@ -212,31 +237,49 @@ def shortest_route(
     # Deterministic edge order: by peer id, then span, so equal labels are pushed identically.
     useful.sort(key=lambda c: (c.peer_id, c.start, c.end, c.ms_per_block, c.load))
 
+    links = links or {}
+
+    def net(prev: str | None, c: Candidate, j: int) -> tuple[float, str | None]:
+        """A pushed hop's network time: half the way in (measured by `prev` if it announced it),
+        and on the last hop half the way on (to `after`, or back to the client)."""
+        measured = links.get(prev, {}).get(c.peer_id) if prev is not None else None
+        way_in = measured if measured is not None else rtt_ms[c.peer_id]
+        if j < end:
+            return way_in / 2, prev if measured is not None else None
+        if after is None:
+            way_on = rtt_ms[c.peer_id]  # back to the client
+        else:
+            onward = links.get(c.peer_id, {}).get(after)
+            way_on = onward if onward is not None else rtt_ms.get(after, rtt_ms[c.peer_id])
+        return (way_in + way_on) / 2, prev if measured is not None else None
+
     # A label is (rounded cost, hops, path signature); lexicographic order is preserved by
-    # appending the same hop to two labels of equal hop count, so lazy Dijkstra settles each node
-    # at its best label. Entries: (cost_key, n_hops, signature, seq, node, exact_cost, hops);
-    # seq (push order) only separates duplicate candidates, so Hops are never compared.
+    # appending the same hop to two labels of equal hop count, so lazy Dijkstra settles each state
+    # at its best label. A state is the node, and with `push` the peer that reached it (the next
+    # hop's price depends on it). Entries: (cost_key, n_hops, signature, seq, node, exact_cost,
+    # hops); seq (push order) only separates duplicate candidates, so Hops are never compared.
     Label = tuple[float, int, tuple[tuple[str, int, int], ...], int, int, float, tuple[Hop, ...]]
     heap: list[Label] = [(0.0, 0, (), 0, start, 0.0, ())]
     seq = 0
-    settled: set[int] = set()
+    settled: set[tuple[int, str | None]] = set()
     while heap:
         _key, n_hops, sig, _seq, node, cost, hops = heapq.heappop(heap)
-        if node in settled:
+        prev = (hops[-1].peer_id if hops else before) if push else None
+        if (node, prev) in settled:
             continue
         if node == end:
             return Route(hops, start, end)
-        settled.add(node)
+        settled.add((node, prev))
         for c in useful:
             if not (c.start <= node < c.end):
                 continue
             stop = min(c.end, end)
             for j in nodes:
-                if j <= node or j in settled:
+                if j <= node or (j, c.peer_id if push else None) in settled:
                     continue
                 if j > stop:
                     break
-                hop = _hop(c, node, j, rtt_ms[c.peer_id], c.peer_id in estimated, config)
+                hop = _hop(c, node, j, rtt_ms[c.peer_id], c.peer_id in estimated, config, net(prev, c, j) if push else None)
                 total = cost + hop.cost
                 seq += 1
                 heapq.heappush(
@@ -255,18 +298,23 @@ def shortest_route(
     raise NoRouteError(uncovered(useful, start, end) or [(start, end)])  # pragma: no cover
 
 
-def _hop(c: Candidate, i: int, j: int, rtt: float, estimated: bool, config: RouteConfig) -> Hop:
+def _hop(c: Candidate, i: int, j: int, rtt: float, estimated: bool, config: RouteConfig, pushed: tuple[float, str | None] | None = None) -> Hop:
+    """A hop and its price: hop by hop, the client's round trip to the peer; pushed, `pushed`
+    gives the network share (see `shortest_route`) and who measured it."""
     compute = c.ms_per_block * (j - i)
     load = c.load * (compute + config.load_ms)
+    network = rtt if pushed is None else pushed[0]
     return Hop(
         peer_id=c.peer_id,
         start=i,
         end=j,
         rtt_ms=rtt,
         compute_ms=compute,
-        cost=rtt + compute + load + config.hop_ms,
+        cost=network + compute + load + config.hop_ms,
         load_ms=load,
         rtt_estimated=estimated,
+        net_ms=None if pushed is None else pushed[0],
+        link_from=None if pushed is None else pushed[1],
     )
 
 
@@ -348,15 +396,21 @@ def plan(
     exclude: Collection[str] = (),
     *,
     config: RouteConfig = RouteConfig(),
+    push: bool = False,
+    links: Mapping[str, Mapping[str, float]] | None = None,
+    before: str | None = None,
+    after: str | None = None,
 ) -> Route:
     """The route for blocks [start, end) among candidates not banned at `now` nor excluded.
 
-    The client calls it for the whole model, and for just the uncovered span after a failure.
+    The client calls it for the whole model, and for just the uncovered span after a failure
+    (between the hops `before` and `after` of the chain, which stay).
     """
     usable = [
         c for c in candidates if c.peer_id not in exclude and not rtt.is_banned(c.peer_id, now)
     ]
-    ids = {c.peer_id for c in usable}
+    ids = {c.peer_id for c in usable} | ({after} if after is not None else set())
     estimates = {p: rtt.estimate(p) for p in ids}
     estimated = {p for p in ids if rtt.rtt(p) is None}
-    return shortest_route(usable, start, end, estimates, estimated=estimated, config=config)
+    return shortest_route(usable, start, end, estimates, estimated=estimated, config=config,
+                          push=push, links=links, before=before, after=after)

@@ -284,3 +284,90 @@ def test_route_is_as_cheap_as_the_full_graph(
     assert edge == b
     # Deterministic regardless of input order.
     assert route(list(reversed(cands)), rtts, a, b).hops == r.hops
+
+
+# --- steps handed peer to peer: hops priced by the links between them ----------------------------
+
+
+def test_pushed_route_is_priced_by_the_links_between_hops() -> None:
+    """The client is as close to b1 as to b2, so hop by hop b1 wins; but a step pushed from a
+    to b1 to c crosses two slow links, and a and b2 measured theirs as fast."""
+    cands = [Candidate("a", 0, 10, 1.0), Candidate("b1", 10, 20, 1.0), Candidate("b2", 10, 20, 1.0), Candidate("c", 20, 30, 1.0)]
+    rtts = {"a": 1.0, "b1": 1.0, "b2": 1.5, "c": 1.0}
+    near = {"a": {"b1": 40.0, "b2": 2.0}, "b1": {"c": 40.0}, "b2": {"c": 2.0}}
+    assert route(cands, rtts, 0, 30).peers == ("a", "b1", "c")
+    r = shortest_route(cands, 0, 30, rtts, push=True, links=near)
+    assert r.peers == ("a", "b2", "c")
+    # half the way into each hop, and on the last also half the way back to the client
+    assert [(h.net_ms, h.link_from) for h in r] == [(0.5, None), (1.0, "a"), (1.5, "b2")]
+    assert r.cost == pytest.approx(3.0 + 30.0 + 3 * EPS)
+    assert r.to_json()["hops"][1]["net_ms"] == 1.0 and r.to_json()["hops"][1]["link_from"] == "a"
+    assert "net_ms" not in route(cands, rtts, 0, 30).to_json()["hops"][0]
+    # links are ignored hop by hop: every hop is a round trip from the client there
+    assert shortest_route(cands, 0, 30, rtts, links=near).peers == ("a", "b1", "c")
+
+
+def test_pushed_route_without_links_uses_the_clients_rtts() -> None:
+    cands = [Candidate("c", 20, 30, 1.0), Candidate("a", 0, 10, 1.0), Candidate("b", 10, 20, 1.0)]
+    r = shortest_route(cands, 0, 30, {"a": 1.0, "b": 2.0, "c": 3.0}, push=True)
+    assert r.peers == ("a", "b", "c")
+    assert [h.net_ms for h in r] == [0.5, 1.0, 3.0]  # the last: half of c's way in and back
+    assert all(h.link_from is None for h in r)
+
+
+def test_mending_a_chain_prices_the_links_to_the_hops_that_stay() -> None:
+    cands = [Candidate("b1", 10, 20, 1.0), Candidate("b2", 10, 20, 1.0)]
+    rtts = RttTracker()
+    for p, ms in (("a", 1.0), ("b1", 1.0), ("b2", 1.5), ("c", 1.0)):
+        rtts.observe(p, ms)
+    near = {"a": {"b1": 40.0, "b2": 2.0}, "b1": {"c": 40.0}, "b2": {"c": 4.0}}
+    r = plan(cands, rtts, 10, 20, 0.0, push=True, links=near, before="a", after="c")
+    assert r.peers == ("b2",) and r[0].net_ms == 3.0 and r[0].link_from == "a"
+    # what b2 does not know of its way on to c, the client's RTT to c stands in for
+    r = plan(cands, rtts, 10, 20, 0.0, push=True, links={"a": {"b1": 40.0, "b2": 2.0}}, before="a", after="c")
+    assert r.peers == ("b2",) and r[0].net_ms == 1.5
+
+
+def _brute_force_pushed(cands, rtts, near, a, b, before, after) -> float:
+    """Cheapest pushed route over every edge i -> j, with the previous peer as part of the state."""
+    cfg = RouteConfig()
+    best: dict[tuple[int, str | None], float] = {(a, before): 0.0}
+    for i in range(a, b):
+        for (node, prev), cost in [kv for kv in best.items() if kv[0][0] == i]:
+            for c in cands:
+                if not c.start <= i < c.end:
+                    continue
+                for j in range(i + 1, min(c.end, b) + 1):
+                    way_in = near.get(prev, {}).get(c.peer_id) if prev is not None else None
+                    net = (rtts[c.peer_id] if way_in is None else way_in) / 2
+                    if j == b:
+                        way_on = near.get(c.peer_id, {}).get(after) if after is not None else None
+                        net += (way_on if way_on is not None else rtts[after if after is not None else c.peer_id]) / 2
+                    compute = c.ms_per_block * (j - i)
+                    total = cost + net + compute + c.load * (compute + cfg.load_ms) + cfg.hop_ms
+                    best[(j, c.peer_id)] = min(best.get((j, c.peer_id), math.inf), total)
+    return min((v for (n, _), v in best.items() if n == b), default=math.inf)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cands=st.lists(_cand, min_size=1, max_size=6),
+    places=st.lists(st.sampled_from([-4.0, 0.0, 1.0, 3.0, 10.0]), min_size=6, max_size=6),
+    bounds=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    ends=st.tuples(st.sampled_from([None, "a", "f"]), st.sampled_from([None, "c", "f"])),
+)
+def test_pushed_route_is_as_cheap_as_the_full_graph(cands, places, bounds, ends) -> None:
+    """Peers and the client (at 0) on a line, every RTT their distance: prices that obey the
+    triangle inequality, as a network's do, under which the boundary graph loses nothing."""
+    a, b = min(bounds), max(bounds)
+    before, after = ends
+    where = dict(zip("abcdef", places))
+    rtts = {p: abs(x) for p, x in where.items()}
+    near = {p: {q: abs(x - y) for q, y in where.items() if q != p} for p, x in where.items()}
+    try:
+        r = shortest_route(cands, a, b, rtts, push=True, links=near, before=before, after=after)
+    except NoRouteError:
+        assert _brute_force_pushed(cands, rtts, near, a, b, before, after) == math.inf
+        return
+    assert r.cost == pytest.approx(_brute_force_pushed(cands, rtts, near, a, b, before, after) if a < b else 0.0, abs=1e-6)
+    assert shortest_route(list(reversed(cands)), a, b, rtts, push=True, links=near, before=before, after=after).hops == r.hops

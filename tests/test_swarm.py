@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -49,22 +50,46 @@ def test_greedy_ids_and_logits_equal_transformers(tiny_models, local_swarm, kind
 
 def test_pushed_and_hop_by_hop_steps_give_the_oracles_tokens(tiny_model, local_swarm) -> None:
     """Decode steps go peer to peer by default; with push off every hop goes through the client.
-    Both are the same arithmetic, so the same tokens."""
+    Both are the same arithmetic, so the same tokens. Once the peers know each other, a pushed
+    route is priced by the round trips they measured between themselves."""
     peers = start_chain(local_swarm(), tiny_model, [(0, 2), (2, 4), (4, 6)])
     ids = [1, 15, 200, 33]
 
-    async def answer(push: bool) -> tuple[list[int], int]:
+    async def answer(push: bool):
         cfg = ClientConfig(model=str(tiny_model), bootstrap=tuple(p.addr for p in peers), mdns=False, discovery_timeout=20, push=push)
         async with await SwarmClient.connect(cfg) as client:
             r = await client.generate(ids, 20, stop_at_eos=False)
-            return r.tokens, r.pushed_steps
+            return r.tokens, r.pushed_steps, r.routes[-1]
 
-    pushed, n_pushed = run(answer(True))
-    by_hop, n_by_hop = run(answer(False))
+    pushed, n_pushed, _ = run(answer(True))
+    by_hop, n_by_hop, route_by_hop = run(answer(False))
     assert (n_pushed, n_by_hop) == (20, 0)  # every step, the prompt's too, went peer to peer
     assert pushed == by_hop
     want = reference_generate(tiny_model, ids, 20)
     assert pushed[: len(want)] == want
+    # introduced by the client, each peer times its gossip with the others and announces its RTT
+    # to the peer after it; the next pushed route is priced by those links
+    from swarm import links
+    from swarm.directory import ask_peer
+
+    def announced() -> bool:
+        recs = {r["peer_id"]: r for r in run(ask_peer(peers[1].addr))}
+        return all(
+            links.parse(recs.get(a.peer_id, {}).get(links.FIELD), recs).keys() == {b.peer_id}
+            for a, b in zip(peers, peers[1:])
+        )
+
+    deadline = time.monotonic() + 20
+    while not announced():
+        assert time.monotonic() < deadline, "the peers never announced their links to the next peer"
+        time.sleep(0.2)
+
+    again, _, route = run(answer(True))
+    assert again == pushed
+    # a pushed route is priced by the links the hops measured; hop by hop, by the client's RTTs
+    assert [h["link_from"] for h in route] == [None, peers[0].peer_id, peers[1].peer_id]
+    assert all(0 <= h["net_ms"] < 1000 for h in route)
+    assert all("net_ms" not in h for h in route_by_hop)
 
 
 async def push_abuse(p1, p2, H: int) -> None:
