@@ -58,7 +58,8 @@ class Membership:
         self._rng = random.Random()
         self._leaving = False
         self._mdns_txt: dict[str, str] | None = None
-        self.rtt = RttTracker()  # to other peers, from timing every gossip exchange
+        self.rtt = RttTracker()  # to other peers, from timing every gossip exchange and probe
+        self._probed: dict[str, float] = {}  # peer -> when we last pinged it as a possible follower
 
     # --- our record ------------------------------------------------------------------------------
 
@@ -146,10 +147,11 @@ class Membership:
             for pid in gone.removed:
                 log.info("peer %s silent: removed", short(pid))
                 self.rtt.forget(pid)
+                self._probed.pop(pid, None)
                 await self._drop_conn(pid)
             others = [r for r in self.table.alive(now) if r.peer_id != self.identity.peer_id]
             targets = self._rng.sample(others, min(self.config.fanout, len(others)))
-            calls = [self._exchange(r.peer_id, r.addrs) for r in targets]
+            calls = [self._exchange(r.peer_id, r.addrs) for r in targets] + [self._probe_follower(others, now)]
             if len(others) < 1:
                 calls += [self._exchange(None, (a,)) for a in self.config.bootstrap]
             if calls:
@@ -220,6 +222,23 @@ class Membership:
             log.debug("gossip with %s failed: %s", short(peer_id) if peer_id else addrs, e)
             if peer_id is not None:
                 await self._drop_conn(peer_id)
+
+    async def _probe_follower(self, others: list[PeerRecord], now: float) -> None:
+        """Ping the peer that could follow us on a chain that we measured least recently, so the
+        links we announce stay fresh where the swarm is too big for gossip to meet them all."""
+        f = self.record_fields()
+        followers = [r for r in others if links.could_follow(f["start"], f["end"], r.start, r.end)]
+        if not followers:
+            return
+        r = min(followers, key=lambda r: (self._probed.get(r.peer_id, -1.0), r.peer_id))
+        self._probed[r.peer_id] = now
+        try:
+            conn = await self._connect(r.peer_id, r.addrs)
+            t0 = time.perf_counter()
+            await conn.request(lambda rid: wire.Ping(rid), timeout=self.config.call_timeout, expect=wire.Pong)
+            self.rtt.observe(r.peer_id, (time.perf_counter() - t0) * 1000)
+        except SwarmError as e:
+            log.debug("probing %s failed: %s", short(r.peer_id), e)
 
     # --- the server side -------------------------------------------------------------------------
 
