@@ -151,7 +151,9 @@ class Membership:
                 await self._drop_conn(pid)
             others = [r for r in self.table.alive(now) if r.peer_id != self.identity.peer_id]
             targets = self._rng.sample(others, min(self.config.fanout, len(others)))
-            calls = [self._exchange(r.peer_id, r.addrs) for r in targets] + [self._probe_follower(others, now)]
+            busy = {r.peer_id for r in targets}  # an exchange times those already
+            calls = [self._exchange(r.peer_id, r.addrs) for r in targets]
+            calls.append(self._probe_follower([r for r in others if r.peer_id not in busy], now))
             if len(others) < 1:
                 calls += [self._exchange(None, (a,)) for a in self.config.bootstrap]
             if calls:
