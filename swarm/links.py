@@ -3,10 +3,10 @@
 A step handed peer to peer crosses the link between two hops, not the client's links to them, so
 the router (swarm/routing.py) prices that crossing with the RTT the sending peer measured: every
 gossip exchange is timed on the same connection a push to that peer uses, and each gossip round
-also pings the possible follower measured least recently (peers/membership.py). A peer announces its
-RTTs to the peers that could follow it on a chain in its signed record, as a field older peers
-keep and forward untouched: `links`, a flat list [peer-id prefix, milliseconds, ...], nearest
-first. It is a hint, like the peer's announced compute speed: a malformed entry is skipped, and
+also pings the possible follower measured least recently (peers/membership.py). A peer announces
+its RTTs to the peers that could follow it on a chain in its signed record, as a field older
+peers keep and forward untouched: `links`, a flat list [peer-id prefix, milliseconds, ...],
+nearest first. It is a hint, like the peer's announced compute speed: a malformed entry is skipped, and
 a peer without one is priced by the client's own RTT, as before.
 """
 
