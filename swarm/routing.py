@@ -298,7 +298,9 @@ def shortest_route(
     raise NoRouteError(uncovered(useful, start, end) or [(start, end)])  # pragma: no cover
 
 
-def _hop(c: Candidate, i: int, j: int, rtt: float, estimated: bool, config: RouteConfig, pushed: tuple[float, str | None] | None = None) -> Hop:
+def _hop(
+    c: Candidate, i: int, j: int, rtt: float, estimated: bool, config: RouteConfig, pushed: tuple[float, str | None] | None = None
+) -> Hop:
     """A hop and its price: hop by hop, the client's round trip to the peer; pushed, `pushed`
     gives the network share (see `shortest_route`) and who measured it."""
     compute = c.ms_per_block * (j - i)
