@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 HEADER = struct.Struct("<ii")  # position, rows; then rows x hidden float32
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -44,7 +44,7 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
         if not k:
             raise EOFError("the other end closed")
         got += k
-    return bytes(buf)
+    return buf
 
 
 def recv_step(sock: socket.socket, hidden: int):
@@ -52,7 +52,7 @@ def recv_step(sock: socket.socket, hidden: int):
 
     position, rows = HEADER.unpack(recv_exact(sock, HEADER.size))
     body = recv_exact(sock, rows * hidden * 4)
-    return position, torch.frombuffer(bytearray(body), dtype=torch.float32).view(1, rows, hidden)
+    return position, torch.frombuffer(body, dtype=torch.float32).view(1, rows, hidden)
 
 
 def send_step(sock: socket.socket, position: int, x) -> None:
