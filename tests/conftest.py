@@ -97,3 +97,23 @@ def start_chain(swarm, model: str | Path, spans: list[tuple[int, int]], extra: l
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def announced_links(addr: str) -> dict[str, dict[str, float]]:
+    """Each peer's announced RTTs to the peers that could follow it, as the peer at `addr` has
+    their signed records: {peer id: {follower id: ms}}."""
+    from swarm import links
+    from swarm.directory import ask_peer
+
+    recs = {r["peer_id"]: r for r in run(ask_peer(addr))}
+    return {p: links.parse(r.get(links.FIELD), recs) for p, r in recs.items()}
+
+
+def wait_for(ready, what: str, timeout: float = 30.0) -> None:
+    """Poll `ready()` until it holds; fail naming `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.2)

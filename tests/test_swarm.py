@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 from swarm import wire
 from swarm.client import ClientConfig, SwarmClient
 
-from .conftest import reference_generate, run, start_chain
+from .conftest import announced_links, reference_generate, run, start_chain, wait_for
 
 CHAT_PROMPT = "What is the capital of France?"
 
@@ -69,20 +68,11 @@ def test_pushed_and_hop_by_hop_steps_give_the_oracles_tokens(tiny_model, local_s
     assert pushed[: len(want)] == want
     # introduced by the client, each peer times its gossip with the others and announces its RTT
     # to the peer after it; the next pushed route is priced by those links
-    from swarm import links
-    from swarm.directory import ask_peer
-
     def announced() -> bool:
-        recs = {r["peer_id"]: r for r in run(ask_peer(peers[1].addr))}
-        return all(
-            links.parse(recs.get(a.peer_id, {}).get(links.FIELD), recs).keys() == {b.peer_id}
-            for a, b in zip(peers, peers[1:])
-        )
+        near = announced_links(peers[1].addr)
+        return all(near.get(a.peer_id, {}).keys() == {b.peer_id} for a, b in zip(peers, peers[1:]))
 
-    deadline = time.monotonic() + 20
-    while not announced():
-        assert time.monotonic() < deadline, "the peers never announced their links to the next peer"
-        time.sleep(0.2)
+    wait_for(announced, "the peers to announce their links to the next peer")
 
     again, _, route = run(answer(True))
     assert again == pushed
