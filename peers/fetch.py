@@ -35,7 +35,7 @@ from typing import Any
 from swarm.directory import split_addr
 from swarm.errors import ModelError, SwarmError
 from swarm.identity import Identity, short
-from swarm.manifest import MANIFEST, FileEntry, Manifest, sha256_file, swarm_home
+from swarm.manifest import MANIFEST, FileEntry, Manifest, OldFormatError, sha256_file, swarm_home
 from swarm.manifest_sig import ManifestSignature, check_manifest, write_signature
 from swarm.transport import Connection
 
@@ -87,6 +87,7 @@ class Fetcher:
         self.on_chunk = on_chunk
         self.stats = FetchStats()
         self._conns: dict[str, Connection] = {}
+        self._dialing: dict[str, asyncio.Lock] = {}
         self._fails: Counter = Counter()  # peer id -> failures (for ordering)
         self._bar: Any = None
 
@@ -165,6 +166,7 @@ class Fetcher:
                 self._bar.update(size)
         contributors: set[str] = set()
         failed: set[str] = set()
+        part.touch()  # an empty file has no chunk to fetch, yet must exist to be checked
         while size < entry.bytes:
             src = self._pick(index, entry, holders, failed)
             if src is None:
@@ -216,12 +218,15 @@ class Fetcher:
         return reply.data
 
     async def _conn(self, src: Any) -> Connection:
-        c = self._conns.get(src.peer_id)
-        if c is not None and not c.closed:
+        """One connection per holder, shared by the files fetched at once (a lock, so two files
+        starting together do not both dial and leave one connection open)."""
+        async with self._dialing.setdefault(src.peer_id, asyncio.Lock()):
+            c = self._conns.get(src.peer_id)
+            if c is not None and not c.closed:
+                return c
+            c = await open_to(src, self.identity, self.swarm_key, self.config.connect_timeout)
+            self._conns[src.peer_id] = c
             return c
-        c = await open_to(src, self.identity, self.swarm_key, self.config.connect_timeout)
-        self._conns[src.peer_id] = c
-        return c
 
     async def _drop(self, peer_id: str) -> None:
         c = self._conns.pop(peer_id, None)
@@ -314,6 +319,11 @@ def install_manifest(data: bytes, sig: ManifestSignature, model_hash: str, home:
 
 
 def local_manifest(name: str, home: Path | None = None) -> Manifest | None:
+    """The manifest under SWARM_HOME/models/<name>; None when there is none, or when another
+    version of swarm wrote it (the swarm's is fetched again, and files that fail it refetched)."""
     root = (home or swarm_home()) / "models" / name
-    return Manifest.load(root) if (root / MANIFEST).exists() else None
+    try:
+        return Manifest.load(root) if (root / MANIFEST).exists() else None
+    except OldFormatError:
+        return None
 

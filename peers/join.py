@@ -13,16 +13,20 @@ The order of decisions (`plan_join`):
    `--max-memory` holds (peers/memory.py), else every block; `peers.selection.choose_span` puts
    that many blocks where the swarm needs them most.
 3. The weights. Blocks of the span that are missing or fail their hash are fetched from peers that
-   hold them (peers/fetch.py). A peer fetches only its own blocks: never the client file, which a
-   peer does not load (`swarm generate` prepares or fetches that itself).
+   hold them (peers/fetch.py). A peer fetches only its own blocks: never the client's files, which a
+   peer does not load.
+
+A client (`swarm generate`, the APIs: `plan_client`) learns a model it does not have the same way,
+and fetches the client's files instead (embeddings, final norm and head, tokenizer): a laptop can
+use a model it could never hold, as long as the swarm serves it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from swarm.directory import Directory
 from swarm.errors import ModelError, SwarmError
 from swarm.gossip import PeerRecord
 from swarm.identity import Identity
-from swarm.manifest import DEFAULT_MODEL, Manifest
+from swarm.manifest import DEFAULT_MODEL, FileEntry, Manifest
 
 from .fetch import FetchConfig, Fetcher, block_holders, fetch_manifest, install_manifest, local_manifest
 from .selection import choose_span, holdings
@@ -42,7 +46,7 @@ log = logging.getLogger("swarm.join")
 @dataclass
 class JoinOptions:
     model: str | None  # a local folder, a model name, or None: whatever the swarm serves
-    blocks: tuple[int, int] | None  # pinned span; None: auto
+    blocks: tuple[int, int] | None = None  # pinned span; None: auto
     max_blocks: int | None = None  # auto: at most this many blocks
     max_memory: int | None = None  # auto: bytes for blocks + cache (peers/memory.py)
     dtype: str = "float32"
@@ -94,7 +98,7 @@ async def resolve_manifest(opts: JoinOptions, records: list[PeerRecord], identit
     name = found[1] if found else (opts.model or DEFAULT_MODEL)
     local = local_manifest(name)
     if local is not None and (found is None or local.model_hash == found[0]):
-        if name == DEFAULT_MODEL and not _missing(local, range(local.num_blocks)):
+        if name == DEFAULT_MODEL and not _absent(local, local.blocks):
             return await compute.run(prepare, name, progress)  # checks hashes, as always
         return local
     if found is not None:
@@ -114,21 +118,16 @@ def _where(opts: JoinOptions) -> str:
     return f" at {', '.join(opts.bootstrap)}" if opts.bootstrap else (" on the LAN" if opts.mdns else " (no --peer and --no-mdns)")
 
 
-def _missing(m: Manifest, blocks: range) -> list[int]:
-    """Blocks whose file is absent or has the wrong size (a cheap check; the hash comes later)."""
-    out = []
-    for b in blocks:
-        p = m.path(m.blocks[b])
-        if not p.exists() or p.stat().st_size != m.blocks[b].bytes:
-            out.append(b)
-    return out
+def _absent(m: Manifest, entries: Sequence[FileEntry]) -> list[FileEntry]:
+    """Files absent or of the wrong size (a cheap check; the hash comes later)."""
+    return [e for e in entries if not m.path(e).exists() or m.path(e).stat().st_size != e.bytes]
 
 
 def _complete_here(model: str | None) -> bool:
     if model is not None and Path(model).expanduser().is_dir():
         return True
     m = local_manifest(model or DEFAULT_MODEL)
-    return m is not None and not _missing(m, range(m.num_blocks))
+    return m is not None and not _absent(m, m.blocks)
 
 
 def budget(opts: JoinOptions, m: Manifest) -> int:
@@ -145,12 +144,16 @@ def budget(opts: JoinOptions, m: Manifest) -> int:
 
 async def fetch_blocks(m: Manifest, span: tuple[int, int], records: list[PeerRecord], identity: Identity, fetch: FetchConfig | None, swarm_key: Any) -> int:
     """Make blocks [start, end) present and valid, fetching what is not; the bytes fetched."""
-    entries = list(m.blocks[span[0] : span[1]])
+    return await fetch_files(m, m.blocks[span[0] : span[1]], f"blocks {span[0]}:{span[1]}", records, identity, fetch, swarm_key)
+
+
+async def fetch_files(m: Manifest, entries: Sequence[FileEntry], what: str, records: list[PeerRecord], identity: Identity, fetch: FetchConfig | None, swarm_key: Any) -> int:
+    """Make `entries` of `m` present and valid, fetching what is not; the bytes fetched. `what`
+    names them in messages."""
     ours = [r for r in records if r.model_hash == m.model_hash and r.peer_id != identity.peer_id]
     if not ours:
-        missing = _missing(m, range(*span))
-        if missing:
-            raise SwarmError(f"blocks {missing} of {m.name} are not here and no peer of the swarm serves the model; pass --peer HOST:PORT")
+        if _absent(m, entries):
+            raise SwarmError(f"{what} of {m.name} are not here and no peer of the swarm serves the model; pass --peer HOST:PORT")
         return 0
     f = Fetcher(m, identity, fetch, swarm_key)
     try:
@@ -158,7 +161,7 @@ async def fetch_blocks(m: Manifest, span: tuple[int, int], records: list[PeerRec
     finally:
         await f.close()
     if stats.files:
-        log.info("fetched %d block file(s), %.1f MB in %.2fs%s", stats.files, stats.fetched_bytes / 1e6, stats.seconds,
+        log.info("fetched %s: %d file(s), %.1f MB in %.2fs%s", what, stats.files, stats.fetched_bytes / 1e6, stats.seconds,
                  f"; banned {len(stats.banned)} holder(s) for bad data" if stats.banned else "")
     return stats.fetched_bytes
 
@@ -182,6 +185,30 @@ async def plan_join(opts: JoinOptions, progress: Callable | None = None) -> Join
                  _cov_text(records, m))
     got = await fetch_blocks(m, span, records, identity, opts.fetch, opts.swarm_key)
     return JoinPlan(m, span, n, tuple(records), got)
+
+
+async def plan_client(opts: JoinOptions, progress: Callable | None = None) -> Manifest:
+    """The model as a client needs it. A local folder, or the embedded default model, is prepared
+    here as always; a model whose client files are here and check is used as is; any other is
+    learned from the swarm like a joining peer learns it (`resolve_manifest`), and only its
+    client's files are fetched, each checked against the signed manifest."""
+    from swarm.prepare import prepare
+
+    name = opts.model or DEFAULT_MODEL
+    if Path(name).expanduser().is_dir():
+        return await compute.run(prepare, name, progress)
+    local = local_manifest(name)
+    if name == DEFAULT_MODEL and (local is None or not _absent(local, local.blocks)):
+        return await compute.run(prepare, name, progress)  # it needs no swarm
+    if local is not None and not await compute.run(local.corrupted, local.client_files):
+        return local
+    records = await discover(opts)
+    if records:
+        log.info("found %d peer(s) in the swarm", len(records))
+    identity = Identity.generate()
+    m = await resolve_manifest(replace(opts, model=name), records, identity, progress)
+    await fetch_files(m, m.client_files, "the client's files (embeddings, head, tokenizer)", records, identity, opts.fetch, opts.swarm_key)
+    return m
 
 
 def _cov_text(records: list[PeerRecord], m: Manifest) -> str:

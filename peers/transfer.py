@@ -6,8 +6,9 @@ canonical manifest JSON with the preparer's signature), then fetches files in ch
 
 Rules of the serving side:
 
-* Only files the manifest lists (block files and the client file) are served, and only when the
-  file on disk has the manifest's size: a `.part` file or a block we never had is `not_found`.
+* Only files the manifest lists (block files, the client file, tokenizer files) are served, and
+  only when the file on disk has the manifest's size: a `.part` file or a block we never had is
+  `not_found`.
   Nothing outside the model folder can be named (the manifest already refuses `..` and absolute
   paths; the name must also equal a listed entry exactly).
 * A chunk is at most MAX_CHUNK bytes (well under the 16 MiB frame limit); `offset` and `length`
@@ -103,7 +104,7 @@ class TransferService:
 
     async def _chunk(self, msg: GetChunk) -> Message:
         m = self._manifest()
-        entry = next((e for e in (*m.blocks, m.client) if e.file == msg.file), None)
+        entry = next((e for e in m.files if e.file == msg.file), None)
         if entry is None:
             return Error(msg.id, "not_found", f"{msg.file[:200]!r} is not a file of this model")
         if not 0 < msg.length <= MAX_CHUNK:

@@ -23,7 +23,6 @@ from .chain import Chain, FailoverEvent
 from .directory import Directory
 from .errors import ConfigError, ModelError, NoRouteError, PeerUnavailable, SwarmError
 from .manifest import DEFAULT_MODEL, Manifest
-from .prepare import prepare
 from .routing import Candidate, Hop, Route, RttTracker, plan
 from .sampling import SamplingConfig, sample
 from .verify import VerifyPolicy
@@ -34,7 +33,7 @@ log = logging.getLogger("swarm.client")
 
 @dataclass
 class ClientConfig:
-    model: str = DEFAULT_MODEL  # a model name or a local folder; prepared here on first use
+    model: str = DEFAULT_MODEL  # a local folder or a model name: prepared here, or learned from the swarm
     bootstrap: tuple[str, ...] = ()  # "host:port" of peers to ask for the table
     mdns: bool = True  # also look for peers on the LAN
     mdns_interfaces: list[str] | None = None  # IPv4 addresses of interfaces for mDNS; None: all
@@ -104,8 +103,13 @@ class SwarmClient:
     async def connect(cls, config: ClientConfig, manifest: Manifest | None = None) -> "SwarmClient":
         if config.torch_threads:
             compute.set_threads(config.torch_threads)
-        if manifest is None:
-            manifest = await compute.run(prepare, config.model)
+        if manifest is None:  # prepared here, or learned from the swarm (its client's files fetched)
+            from peers.join import JoinOptions, plan_client
+
+            manifest = await plan_client(JoinOptions(
+                model=config.model, bootstrap=config.bootstrap, mdns=config.mdns, mdns_interfaces=config.mdns_interfaces,
+                discovery_timeout=config.discovery_timeout, swarm_key=config.swarm_key,
+            ))
         head = await compute.run(Head.load, manifest)
         tokenizer = await compute.run(load_tokenizer, manifest)
         directory = Directory(

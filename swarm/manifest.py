@@ -4,7 +4,9 @@ A prepared model is a folder:
 
     manifest.json          this record; written last, so a folder without it is unfinished
     config.json            the transformers config (also inside the manifest)
-    tokenizer files        as transformers saves them (optional: tests use token ids)
+    tokenizer files        as transformers saves them (optional: a model without them is used by
+                           token ids); hashed in the manifest like the weights, so a client can
+                           fetch them from the swarm and trust them as much as the head
     client.safetensors     embeddings, final norm, LM head: what a client needs
     blocks/NNNNN.safetensors  one file per transformer block, keys relative to the block
 
@@ -24,7 +26,7 @@ from typing import Any
 from .errors import ModelError
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: tokenizer files are listed and hashed
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -39,6 +41,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+class OldFormatError(ModelError):
+    """A manifest written by another version of swarm: prepare again (or fetch it again)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,16 @@ class Manifest:
     client: FileEntry
     source: str
     root: Path  # where it lies on this machine; not part of the hash
+    tokenizer: tuple[FileEntry, ...] = ()  # top-level files the tokenizer was saved as
+
+    @property
+    def client_files(self) -> tuple[FileEntry, ...]:
+        """What a client loads: the embeddings, final norm and head, and the tokenizer."""
+        return (self.client, *self.tokenizer)
+
+    @property
+    def files(self) -> tuple[FileEntry, ...]:
+        return (*self.blocks, *self.client_files)
 
     @property
     def model_hash(self) -> str:
@@ -74,6 +90,7 @@ class Manifest:
             "hidden_size": self.hidden_size,
             "blocks": [vars(b) for b in self.blocks],
             "client": vars(self.client),
+            "tokenizer": [vars(t) for t in self.tokenizer],
             "source": self.source,
         }
 
@@ -81,7 +98,8 @@ class Manifest:
     def from_json(cls, obj: dict[str, Any], root: Path) -> "Manifest":
         try:
             if obj["format"] != FORMAT:
-                raise ModelError(f"manifest format {obj['format']} is not {FORMAT}")
+                raise OldFormatError(f"the model in {root} was prepared by another version of swarm (manifest format "
+                                     f"{obj['format']}, this one reads {FORMAT}); run `swarm prepare --force` again")
             blocks = tuple(FileEntry(**b) for b in obj["blocks"])
             m = cls(
                 name=str(obj["name"]),
@@ -93,15 +111,19 @@ class Manifest:
                 client=FileEntry(**obj["client"]),
                 source=str(obj.get("source", "")),
                 root=root,
+                tokenizer=tuple(FileEntry(**t) for t in obj["tokenizer"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"manifest in {root} is malformed ({e}); run `swarm prepare` again") from None
         if len(m.blocks) != m.num_blocks:
             raise ModelError(f"manifest in {root} lists {len(m.blocks)} blocks, expected {m.num_blocks}")
-        for entry in (*m.blocks, m.client):
+        for entry in m.files:
             p = Path(entry.file)
             if p.is_absolute() or ".." in p.parts:
                 raise ModelError(f"manifest in {root} names a file outside its folder: {entry.file}")
+        for entry in m.tokenizer:
+            if "/" in entry.file or "\\" in entry.file or entry.file in (MANIFEST, "config.json", m.client.file):
+                raise ModelError(f"manifest in {root} lists {entry.file!r} as a tokenizer file")
         return m
 
     @classmethod
@@ -135,10 +157,10 @@ class Manifest:
                 "run `swarm prepare` again to rebuild it"
             )
 
-    def corrupted(self) -> list[FileEntry]:
-        """Every file that is missing or fails its hash."""
+    def corrupted(self, entries: tuple[FileEntry, ...] | None = None) -> list[FileEntry]:
+        """Every file (of `entries`, default all) that is missing or fails its hash."""
         bad = []
-        for entry in (*self.blocks, self.client):
+        for entry in self.files if entries is None else entries:
             try:
                 self.check_file(entry)
             except ModelError:

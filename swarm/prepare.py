@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelError
-from .manifest import DEFAULT_MODEL, MANIFEST, FileEntry, Manifest, sha256_file, swarm_home
+from .manifest import DEFAULT_MODEL, MANIFEST, FileEntry, Manifest, OldFormatError, sha256_file, swarm_home
 
 log = logging.getLogger("swarm.prepare")
 
@@ -107,15 +107,21 @@ def _signed(manifest: Manifest) -> Manifest:
 
 def _prepare_locked(model: str, root: Path, progress: Progress | None, force: bool) -> Manifest:
     if (root / MANIFEST).exists() and not force:
-        manifest = Manifest.load(root)
-        bad = manifest.corrupted()
-        if not bad:
-            return manifest
-        if model == str(root) or manifest.source == "":
-            names = ", ".join(e.file for e in bad)
-            raise ModelError(f"corrupted files in {root}: {names}; their source is unknown, re-prepare it")
-        if progress:
-            progress(f"rebuilding {len(bad)} corrupted file(s)", 0, len(bad))
+        try:
+            manifest = Manifest.load(root)
+        except OldFormatError:
+            if model == str(root):
+                raise
+            log.info("%s was prepared by another version of swarm: preparing it again", root)
+        else:
+            bad = manifest.corrupted()
+            if not bad:
+                return manifest
+            if model == str(root) or manifest.source == "":
+                names = ", ".join(e.file for e in bad)
+                raise ModelError(f"corrupted files in {root}: {names}; their source is unknown, re-prepare it")
+            if progress:
+                progress(f"rebuilding {len(bad)} corrupted file(s)", 0, len(bad))
     if model == DEFAULT_MODEL:
         return _prepare_gguf(embedded_gguf(), root, DEFAULT_MODEL, progress)
     return _prepare_hf_dir(Path(model).expanduser().resolve(), root, progress)
@@ -213,6 +219,8 @@ def _write_split(
         raise ModelError(f"no tensors for block(s) {missing}")
     if "embed_tokens.weight" not in {k for _, k in client}:
         raise ModelError("the checkpoint has no embeddings (model.embed_tokens.weight)")
+    # what the tokenizer saved next to config.json: hashed like the weights (swarm/manifest.py)
+    tokenizer = [_entry(out, p.name) for p in sorted(out.iterdir()) if p.is_file() and p.name != "config.json"]
 
     (out / "blocks").mkdir(parents=True, exist_ok=True)
     dtype = None
@@ -237,12 +245,17 @@ def _write_split(
         client=client_entry,
         source=source,
         root=out,
+        tokenizer=tuple(tokenizer),
     )
 
 
 def _save(root: Path, rel: str, tensors: dict[str, torch.Tensor]) -> FileEntry:
+    save_file(tensors, str(root / rel))
+    return _entry(root, rel)
+
+
+def _entry(root: Path, rel: str) -> FileEntry:
     path = root / rel
-    save_file(tensors, str(path))
     return FileEntry(file=rel, sha256=sha256_file(path), bytes=path.stat().st_size)
 
 

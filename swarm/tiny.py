@@ -16,8 +16,9 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(path: Path, kind: str = "llama-gqa", seed: int = 0) -> Path:
-    """A random checkpoint of TINY_CONFIGS[kind] in `path` (vocabulary 256, eos 2)."""
+def make_tiny_model(path: Path, kind: str = "llama-gqa", seed: int = 0, tokenizer: bool = False) -> Path:
+    """A random checkpoint of TINY_CONFIGS[kind] in `path` (vocabulary 256, eos 2), with a word
+    tokenizer when asked (see `save_tiny_tokenizer`)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -31,4 +32,18 @@ def make_tiny_model(path: Path, kind: str = "llama-gqa", seed: int = 0) -> Path:
                 p.normal_(0, 0.08)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
+    if tokenizer:
+        save_tiny_tokenizer(path)
     return path
+
+
+def save_tiny_tokenizer(path: Path) -> None:
+    """A tokenizer for the tiny vocabulary: one word per id ("w3" is id 3), split on spaces;
+    ids 0-2 are <unk>, <s> and </s>. Real files, as transformers saves any fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 256)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)

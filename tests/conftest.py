@@ -31,7 +31,7 @@ def swarm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {k: make_tiny_model(root / k, k) for k in TINY_CONFIGS}
+    return {k: make_tiny_model(root / k, k, tokenizer=True) for k in TINY_CONFIGS}
 
 
 @pytest.fixture(scope="session")
@@ -109,11 +109,18 @@ def announced_links(addr: str) -> dict[str, dict[str, float]]:
     return {p: links.parse(r.get(links.FIELD), recs) for p, r in recs.items()}
 
 
-def wait_for(ready, what: str, timeout: float = 30.0) -> None:
-    """Poll `ready()` until it holds; fail naming `what` after `timeout` seconds."""
+
+def wait_until(pred, timeout: float, what: str) -> float:
+    """Poll `pred` until it holds; the seconds it took. Bounded: fails naming `what`, and the last
+    error `pred` raised (a peer still starting may refuse a connection)."""
     import time
 
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.2)
+    t0, last = time.monotonic(), None
+    while time.monotonic() - t0 < timeout:
+        try:
+            if pred():
+                return time.monotonic() - t0
+        except Exception as e:
+            last = e
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting until {what}" + (f" (last error: {last!r})" if last else ""))

@@ -6,7 +6,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 
 
 from swarm import wire
@@ -15,7 +14,7 @@ from swarm.directory import ask_peer
 from swarm.identity import Identity
 from swarm.transport import Connection
 
-from .conftest import run
+from .conftest import run, wait_until
 
 
 async def _table(addr: str) -> set[str]:
@@ -28,16 +27,6 @@ def tables(peers) -> dict[str, set[str]]:
         return await asyncio.gather(*(_table(p.addr) for p in peers), return_exceptions=True)
 
     return {p.peer_id: t for p, t in zip(peers, run(all_())) if not isinstance(t, BaseException)}
-
-
-def wait_until(pred, timeout: float, what: str) -> float:
-    """Poll `pred` until true; the seconds it took. Bounded: fails with `what`."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting until {what}")
 
 
 def _agree(peers, expected: set[str]) -> bool:

@@ -15,7 +15,7 @@ from swarm.client import ClientConfig, SwarmClient
 from swarm.errors import NoRouteError
 from swarm.prepare import prepare
 
-from .conftest import announced_links, reference_generate, run, wait_for
+from .conftest import announced_links, reference_generate, run, wait_until
 
 PROXY = Path(__file__).resolve().parent.parent / "tools" / "proxy.py"
 IDS = [1, 40, 41, 42, 43, 12]
@@ -116,7 +116,7 @@ def test_the_route_takes_the_fast_replicas_and_follows_a_delay_swap(tiny_model, 
         return all(have.get(p.peer_id, {}).get(near.peer_id, 1e9) < 30 < have.get(p.peer_id, {}).get(far.peer_id, 0)
                    for p in (fast[spans[0]], slow[spans[0]]))
 
-    wait_for(lambda: links_favour(fast[spans[1]]), "the peers to announce their links")
+    wait_until(lambda: links_favour(fast[spans[1]]), 30, "the peers announce their links")
     tokens, stats = run(_answer(tiny_model, addrs, 8))
     assert _route_peers(stats) == [fast[sp].peer_id for sp in spans]
     hops = stats["routes"][-1]
@@ -127,7 +127,7 @@ def test_the_route_takes_the_fast_replicas_and_follows_a_delay_swap(tiny_model, 
         proxy_of[fast[sp].peer_id].command("delay 30")
         proxy_of[slow[sp].peer_id].command("delay 0")
     # the client measures its own RTTs afresh; the peers' links follow within a few gossip rounds
-    wait_for(lambda: links_favour(slow[spans[1]]), "the peers' links to follow the swap")
+    wait_until(lambda: links_favour(slow[spans[1]]), 30, "the peers' links follow the swap")
     tokens2, stats2 = run(_answer(tiny_model, addrs, 8))
     assert _route_peers(stats2) == [slow[sp].peer_id for sp in spans]
     assert tokens2 == tokens  # same model, same answer, whoever computes it

@@ -1,9 +1,14 @@
 """Joining with nothing: fetching block weights from peers, resuming, refusing corrupted copies,
-auto spans that cover the model, and a peer moving into a gap left by a dead one."""
+auto spans that cover the model, a peer moving into a gap left by a dead one, and a client that
+fetches only what it needs to generate."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +27,7 @@ from swarm.manifest import Manifest, sha256_file
 from swarm.prepare import prepare
 from swarm.transport import Connection
 
-from .conftest import reference_generate, run, start_chain
+from .conftest import reference_generate, run, start_chain, wait_until
 
 BASE = ["--no-mdns", "--threads", "1"]
 
@@ -48,18 +53,6 @@ async def _info(addr: str) -> list[PeerRecord]:
 
 def table(addr: str) -> list[PeerRecord]:
     return run(_info(addr))
-
-
-def wait_until(pred, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            if pred():
-                return time.monotonic() - t0
-        except Exception:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting until {what}")
 
 
 async def _generate(model: str, addrs: list[str], ids: list[int], n: int):
@@ -174,6 +167,44 @@ def test_a_peer_with_an_empty_home_joins_fetches_its_blocks_and_serves(tiny_mode
     res = run(_generate(str(tiny_model), [c.addr, other.addr], ids, 16))
     assert res.tokens == reference_generate(tiny_model, ids, 16)
     assert c.peer_id in {hop["peer"] for hop in res.routes[-1]}
+
+
+def test_a_client_with_an_empty_home_fetches_the_head_and_tokenizer_and_answers(tiny_model, local_swarm, tmp_path: Path) -> None:
+    """`swarm generate --model NAME` on a machine that has none of the model: it learns the model
+    from the swarm, fetches only the client's files (checked against the signed manifest), and
+    answers as transformers does."""
+    from transformers import AutoTokenizer
+
+    m = prepare(str(tiny_model))
+    peers = start_chain(local_swarm(), tiny_model, [(0, 3), (3, 6)])
+    home = tmp_path / "client-home"
+    env = {**os.environ, "SWARM_HOME": str(home), "SWARM_CONFIG": str(home / "config")}
+    prompt = "w5 w17 w42 w99"
+
+    def generate(model: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "swarm.cli", "generate", prompt, "--model", model, *sum((["--peer", p.addr] for p in peers), []),
+             "--no-mdns", "--no-chat", "--json", "--max-new-tokens", "8", "--discovery-timeout", "20"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )
+
+    out = generate(m.name)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    ids = AutoTokenizer.from_pretrained(tiny_model)(prompt)["input_ids"]
+    assert ids == [5, 17, 42, 99]
+    assert result["tokens"] == reference_generate(tiny_model, ids, 8)
+    assert result["text"] == " ".join(f"w{t}" for t in result["tokens"] if t > 2)  # decoded by the fetched tokenizer
+    got = Manifest.load(home / "models" / m.name)
+    assert got.model_hash == m.model_hash
+    for entry in m.client_files:  # the preparer's bytes, and nothing of the blocks
+        assert got.path(entry).read_bytes() == m.path(entry).read_bytes()
+    assert not (got.root / "blocks").exists() or not any((got.root / "blocks").iterdir())
+
+    # a name nobody serves is a clear error, not a traceback
+    out = generate("no-such-model")
+    assert out.returncode == 2 and "no peer serves model 'no-such-model'" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_auto_peers_cover_the_model_and_one_moves_into_a_gap(tiny_model, local_swarm, tmp_path: Path) -> None:

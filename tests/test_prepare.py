@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from swarm.blocks import BlockSpan, Head
 from swarm.errors import ModelError
-from swarm.manifest import Manifest
+from swarm.manifest import Manifest, OldFormatError, sha256_file
 from swarm.prepare import prepare
 
 
@@ -63,6 +63,39 @@ def test_a_corrupted_block_is_detected_reported_and_rebuilt(tiny_model: Path, tm
     BlockSpan.load(m, 0, 2)
     rebuilt = prepare(str(tiny_model))
     assert rebuilt.corrupted() == [] and rebuilt.model_hash == m.model_hash
+
+
+def test_the_tokenizer_files_are_hashed_like_the_weights(tiny_model: Path) -> None:
+    """A client may fetch the tokenizer from the swarm: the manifest (whose hash is the model's
+    identity) lists and hashes its files, so a changed one is caught like a changed block."""
+    m = prepare(str(tiny_model))
+    assert {t.file for t in m.tokenizer} == {"tokenizer.json", "tokenizer_config.json"}
+    assert all(sha256_file(m.path(t)) == t.sha256 and m.path(t).stat().st_size == t.bytes for t in m.tokenizer)
+    assert m.client_files == (m.client, *m.tokenizer)
+    path = m.path(next(t for t in m.tokenizer if t.file == "tokenizer.json"))
+    path.write_text(path.read_text().replace('"w42"', '"w24"'))
+    assert [e.file for e in m.corrupted()] == ["tokenizer.json"]
+    rebuilt = prepare(str(tiny_model))
+    assert rebuilt.corrupted() == [] and rebuilt.model_hash == m.model_hash
+
+
+def test_a_model_prepared_by_another_version_is_prepared_again(tiny_model: Path) -> None:
+    m = prepare(str(tiny_model))
+    obj = json.loads((m.root / "manifest.json").read_text())
+    old = {k: v for k, v in obj.items() if k != "tokenizer"} | {"format": 1}
+    (m.root / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(OldFormatError, match=r"another version of swarm.*swarm prepare --force"):
+        Manifest.load(m.root)
+    assert prepare(str(tiny_model)).model_hash == m.model_hash
+
+
+@pytest.mark.parametrize("name", ["../evil.json", "manifest.json", "config.json", "sub/tokenizer.json"])
+def test_a_manifest_naming_a_bad_tokenizer_file_is_refused(tiny_model: Path, name: str) -> None:
+    m = prepare(str(tiny_model))
+    obj = m.to_json()
+    obj["tokenizer"] = [{"file": name, "sha256": "0" * 64, "bytes": 1}]
+    with pytest.raises(ModelError, match="outside its folder|as a tokenizer file"):
+        Manifest.from_json(obj, m.root)
 
 
 def test_a_span_loads_only_its_own_blocks(tiny_model: Path) -> None:

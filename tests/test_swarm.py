@@ -14,7 +14,7 @@ import torch
 from swarm import wire
 from swarm.client import ClientConfig, SwarmClient
 
-from .conftest import announced_links, reference_generate, run, start_chain, wait_for
+from .conftest import announced_links, reference_generate, run, start_chain, wait_until
 
 CHAT_PROMPT = "What is the capital of France?"
 
@@ -72,7 +72,7 @@ def test_pushed_and_hop_by_hop_steps_give_the_oracles_tokens(tiny_model, local_s
         near = announced_links(peers[1].addr)
         return all(near.get(a.peer_id, {}).keys() == {b.peer_id} for a, b in zip(peers, peers[1:]))
 
-    wait_for(announced, "the peers to announce their links to the next peer")
+    wait_until(announced, 30, "the peers announce their links to the next peer")
 
     again, _, route = run(answer(True))
     assert again == pushed
