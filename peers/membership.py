@@ -52,6 +52,7 @@ class Membership:
         # the table stretches heartbeat and timeouts with the swarm's size from these timings
         self.table = GossipTable(identity.peer_id, replace(config.gossip, heartbeat_s=config.heartbeat_s, round_s=config.round_s, fanout=config.fanout))
         self._conns: dict[str, Connection] = {}
+        self._dialing: dict[str, asyncio.Lock] = {}  # peer id -> held while dialing it
         self._tasks = TaskSet()
         self._mdns: MdnsDiscovery | None = None
         self._version = 0
@@ -148,6 +149,7 @@ class Membership:
                 log.info("peer %s silent: removed", short(pid))
                 self.rtt.forget(pid)
                 self._probed.pop(pid, None)
+                self._dialing.pop(pid, None)
                 await self._drop_conn(pid)
             others = [r for r in self.table.alive(now) if r.peer_id != self.identity.peer_id]
             targets = self._rng.sample(others, min(self.config.fanout, len(others)))
@@ -177,10 +179,17 @@ class Membership:
         return await self._connect(peer_id, rec.addrs)
 
     async def _connect(self, peer_id: str | None, addrs: tuple[str, ...]) -> Connection:
-        if peer_id is not None:
+        if peer_id is None:  # a bootstrap or LAN address: we learn who it is when it answers
+            return await self._dial(None, addrs)
+        # one dial at a time per peer: a push and a gossip round meeting a new peer together
+        # must share one link, not have the second dial close the first under the push
+        async with self._dialing.setdefault(peer_id, asyncio.Lock()):
             c = self._conns.get(peer_id)
             if c is not None and not c.closed:
                 return c
+            return await self._dial(peer_id, addrs)
+
+    async def _dial(self, peer_id: str | None, addrs: tuple[str, ...]) -> Connection:
         last: Exception | None = None
         for addr in addrs[:4]:
             try:

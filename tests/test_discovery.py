@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 
-
 from swarm import wire
 from swarm.gossip import GossipPush, GossipReply, PeerRecord
 from swarm.directory import ask_peer
 from swarm.identity import Identity
 from swarm.transport import Connection
 
-from .conftest import run, wait_until
+from .conftest import run, start_chain, wait_until
 
 
 async def _table(addr: str) -> set[str]:
@@ -133,3 +132,23 @@ def test_forged_records_do_not_change_a_live_peers_table(tiny_model, local_swarm
     assert after == before
     assert ghost not in after
     assert after[b.peer_id] == (3, 6)
+
+
+def test_two_callers_meeting_a_new_peer_share_one_link(tiny_model, local_swarm) -> None:
+    """A push and a gossip round that dial the same peer at once get one connection; the second
+    dial must not close the first under a request in flight."""
+    from peers.membership import Membership, MembershipConfig
+
+    (peer,) = start_chain(local_swarm(), tiny_model, [(0, 6)])
+
+    async def scenario() -> None:
+        m = Membership(Identity.generate(), dict, MembershipConfig(mdns=False))
+        m.table.merge(await ask_peer(peer.addr), 0.0)
+        a, b = await asyncio.gather(m.connection(peer.peer_id), m.connection(peer.peer_id))
+        try:
+            assert a is b and not a.closed
+            assert isinstance(await a.request(lambda rid: wire.Ping(rid), timeout=5), wire.Pong)
+        finally:
+            await a.close()
+
+    run(scenario())

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -65,7 +65,9 @@ def _all_valid(m: Manifest, blocks: range) -> bool:
     return all(sha256_file(m.path(m.blocks[b])) == m.blocks[b].sha256 for b in blocks)
 
 
-def test_fetch_resumes_from_another_holder_and_bans_a_corrupting_one(tiny_model, local_swarm, tmp_path: Path) -> None:
+def test_fetch_resumes_from_another_holder_and_bans_a_corrupting_one(tiny_model, local_swarm, tmp_path: Path, monkeypatch) -> None:
+    import peers.fetch
+
     m = prepare(str(tiny_model))
     whole = [*BASE, "--model", str(tiny_model), "--blocks", f"0:{m.num_blocks}"]
     a, b = start_chain(local_swarm(), tiny_model, [(0, m.num_blocks)] * 2)
@@ -75,6 +77,12 @@ def test_fetch_resumes_from_another_holder_and_bans_a_corrupting_one(tiny_model,
 
     class Cut(Exception):
         pass
+
+    real_open, dials = peers.fetch.open_to, []
+
+    async def counted_open(rec, *args):
+        dials.append(rec.peer_id)
+        return await real_open(rec, *args)
 
     async def scenario():
         # the manifest, from the liar even: it is checked by hash and signature, not by trust
@@ -115,6 +123,14 @@ def test_fetch_resumes_from_another_holder_and_bans_a_corrupting_one(tiny_model,
         assert stats.by_peer[liar.peer_id] == dst2.blocks[0].bytes  # one whole file, then nothing
         assert stats.asked_after_ban == 0
         assert _all_valid(dst2, range(dst2.num_blocks))
+
+        # files fetched at once from one holder share one connection (none left open behind)
+        monkeypatch.setattr(peers.fetch, "open_to", counted_open)
+        dst3 = install_manifest(data, sig, m.model_hash, home=tmp_path / "h3")
+        f = Fetcher(dst3, Identity.generate(), replace(cfg, parallel_files=3))
+        await f.fetch(dst3.blocks, lambda e: [hb])
+        await f.close()
+        assert dials == [b.peer_id] and _all_valid(dst3, range(dst3.num_blocks))
 
         # 4. the serving side refuses names outside the manifest and ranges outside the file
         host, port = b.addr.rsplit(":", 1)
