@@ -94,6 +94,8 @@ async def resolve_manifest(opts: JoinOptions, records: list[PeerRecord], identit
 
     if opts.model is not None and Path(opts.model).expanduser().is_dir():
         return await compute.run(prepare, opts.model, progress)
+    if opts.model is not None:
+        _check_name(opts.model)
     found = agreed_hash(records, opts.model)
     name = found[1] if found else (opts.model or DEFAULT_MODEL)
     local = local_manifest(name)
@@ -112,6 +114,12 @@ async def resolve_manifest(opts: JoinOptions, records: list[PeerRecord], identit
         except ModelError as e:
             raise SwarmError(f"no swarm found{_where(opts)} and the default model cannot be prepared here ({e})") from None
     raise SwarmError(f"no peer serves model {name!r}{_where(opts)}; pass --peer HOST:PORT of a member, or a local model folder as --model")
+
+
+def _check_name(model: str) -> None:
+    """A --model that is neither a folder here nor a plain name (a path that does not exist, say)."""
+    if model in ("", ".", "..") or any(c in model for c in "/\\\x00") or model.startswith("~"):
+        raise SwarmError(f"no model folder at {model}, and it is not a model name the swarm could serve")
 
 
 def _where(opts: JoinOptions) -> str:
@@ -197,6 +205,7 @@ async def plan_client(opts: JoinOptions, progress: Callable | None = None) -> Ma
     name = opts.model or DEFAULT_MODEL
     if Path(name).expanduser().is_dir():
         return await compute.run(prepare, name, progress)
+    _check_name(name)
     local = local_manifest(name)
     if name == DEFAULT_MODEL and (local is None or not _absent(local, local.blocks)):
         return await compute.run(prepare, name, progress)  # it needs no swarm

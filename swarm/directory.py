@@ -185,7 +185,7 @@ class Directory:
                 if not self._peers:
                     raise SwarmError(
                         "no swarm found: no peer answered"
-                        + (f" at {', '.join(self.bootstrap)}" if self.bootstrap else " on the LAN")
+                        + (f" at {', '.join(self.bootstrap)}" if self.bootstrap else " on the LAN" if self.mdns else " (no --peer, and mDNS is off)")
                         + "; start one with `swarm join` or pass --peer HOST:PORT"
                     )
                 raise NoRouteError(gaps(cov))

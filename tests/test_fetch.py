@@ -221,6 +221,8 @@ def test_a_client_with_an_empty_home_fetches_the_head_and_tokenizer_and_answers(
     out = generate("no-such-model")
     assert out.returncode == 2 and "no peer serves model 'no-such-model'" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+    out = generate(str(tmp_path / "no-such-folder"))
+    assert out.returncode == 2 and f"no model folder at {tmp_path / 'no-such-folder'}" in out.stderr, out.stderr
 
 
 def test_auto_peers_cover_the_model_and_one_moves_into_a_gap(tiny_model, local_swarm, tmp_path: Path) -> None:
