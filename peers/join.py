@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -197,25 +197,27 @@ async def plan_join(opts: JoinOptions, progress: Callable | None = None) -> Join
 
 async def plan_client(opts: JoinOptions, progress: Callable | None = None) -> Manifest:
     """The model as a client needs it. A local folder, or the embedded default model, is prepared
-    here as always; a model whose client files are here and check is used as is; any other is
-    learned from the swarm like a joining peer learns it (`resolve_manifest`), and only its
-    client's files are fetched, each checked against the signed manifest."""
+    here as always; a model whose client files are here and check is used as is; any other (and,
+    with no model named, whatever most of the swarm's peers serve) is learned from the swarm like
+    a joining peer learns it (`resolve_manifest`), and only its client's files are fetched, each
+    checked against the signed manifest."""
     from swarm.prepare import prepare
 
-    name = opts.model or DEFAULT_MODEL
-    if Path(name).expanduser().is_dir():
-        return await compute.run(prepare, name, progress)
-    _check_name(name)
-    local = local_manifest(name)
-    if name == DEFAULT_MODEL and (local is None or not _absent(local, local.blocks)):
-        return await compute.run(prepare, name, progress)  # it needs no swarm
-    if local is not None and not await compute.run(local.corrupted, local.client_files):
-        return local
+    name = opts.model
+    if name is not None:
+        if Path(name).expanduser().is_dir():
+            return await compute.run(prepare, name, progress)
+        _check_name(name)
+        local = local_manifest(name)
+        if name == DEFAULT_MODEL and (local is None or not _absent(local, local.blocks)):
+            return await compute.run(prepare, name, progress)  # it needs no swarm
+        if local is not None and not await compute.run(local.corrupted, local.client_files):
+            return local
     records = await discover(opts)
     if records:
         log.info("found %d peer(s) in the swarm", len(records))
     identity = Identity.generate()
-    m = await resolve_manifest(replace(opts, model=name), records, identity, progress)
+    m = await resolve_manifest(opts, records, identity, progress)
     await fetch_files(m, m.client_files, "the client's files (embeddings, head, tokenizer)", records, identity, opts.fetch, opts.swarm_key)
     return m
 

@@ -30,7 +30,6 @@ from aiohttp import web
 
 from . import wire
 from .errors import ConfigError, NoRouteError, RemoteError, SwarmError
-from .manifest import DEFAULT_MODEL
 from .sampling import SamplingConfig
 from .status import snapshot
 
@@ -42,7 +41,7 @@ MAX_STOP = 4  # as OpenAI: up to four stop sequences
 
 @dataclass
 class ApiConfig:
-    model: str = DEFAULT_MODEL  # a model name or a local folder; its manifest name is what we serve
+    model: str | None = None  # a local folder, a model name, or None: the swarm's (else the default); its manifest name is what we serve
     host: str = "127.0.0.1"  # loopback unless the user asks for more
     port: int = 8000  # 0 picks a free port (tests)
     api_key: str | None = None  # when set, every /v1 call needs `Authorization: Bearer <key>`

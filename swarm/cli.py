@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("generate", help="answer a prompt through the swarm")
     sp.add_argument("prompt")
-    sp.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default), a local model folder, or the name of a model the swarm serves (its embeddings, head and tokenizer are fetched from the peers)")
+    sp.add_argument("--model", default=None, help=f"a local model folder or a model name (default: the model the swarm serves, else {DEFAULT_MODEL}); a model not prepared here is learned from the swarm, and only its embeddings, head and tokenizer are fetched")
     sp.add_argument("--peer", type=_addr, action="append", default=[], help="HOST:PORT of a swarm member (repeatable)")
     sp.add_argument("--max-new-tokens", type=int, default=128)
     sp.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API and a live map of the swarm")
-    sp.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} (default), a local model folder, or the name of a model the swarm serves")
+    sp.add_argument("--model", default=None, help=f"a local model folder or a model name (default: the model the swarm serves, else {DEFAULT_MODEL})")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need care)")
     sp.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free port)")
     sp.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $SWARM_API_KEY, else none)")

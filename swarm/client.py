@@ -22,7 +22,7 @@ from .blocks import Head
 from .chain import Chain, FailoverEvent
 from .directory import Directory
 from .errors import ConfigError, ModelError, NoRouteError, PeerUnavailable, SwarmError
-from .manifest import DEFAULT_MODEL, Manifest
+from .manifest import Manifest
 from .routing import Candidate, Hop, Route, RttTracker, plan
 from .sampling import SamplingConfig, sample
 from .verify import VerifyPolicy
@@ -33,7 +33,7 @@ log = logging.getLogger("swarm.client")
 
 @dataclass
 class ClientConfig:
-    model: str = DEFAULT_MODEL  # a local folder or a model name: prepared here, or learned from the swarm
+    model: str | None = None  # a local folder, a model name, or None: what the swarm serves (else the default)
     bootstrap: tuple[str, ...] = ()  # "host:port" of peers to ask for the table
     mdns: bool = True  # also look for peers on the LAN
     mdns_interfaces: list[str] | None = None  # IPv4 addresses of interfaces for mDNS; None: all

@@ -186,9 +186,9 @@ def test_a_peer_with_an_empty_home_joins_fetches_its_blocks_and_serves(tiny_mode
 
 
 def test_a_client_with_an_empty_home_fetches_the_head_and_tokenizer_and_answers(tiny_model, local_swarm, tmp_path: Path) -> None:
-    """`swarm generate --model NAME` on a machine that has none of the model: it learns the model
-    from the swarm, fetches only the client's files (checked against the signed manifest), and
-    answers as transformers does."""
+    """`swarm generate` on a machine that has none of the model: it learns the model the swarm
+    serves, fetches only the client's files (checked against the signed manifest), and answers as
+    transformers does; later runs use those files."""
     from transformers import AutoTokenizer
 
     m = prepare(str(tiny_model))
@@ -197,14 +197,14 @@ def test_a_client_with_an_empty_home_fetches_the_head_and_tokenizer_and_answers(
     env = {**os.environ, "SWARM_HOME": str(home), "SWARM_CONFIG": str(home / "config")}
     prompt = "w5 w17 w42 w99"
 
-    def generate(model: str) -> subprocess.CompletedProcess:
+    def generate(model: str | None) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "swarm.cli", "generate", prompt, "--model", model, *sum((["--peer", p.addr] for p in peers), []),
+            [sys.executable, "-m", "swarm.cli", "generate", prompt, *(["--model", model] if model else []), *sum((["--peer", p.addr] for p in peers), []),
              "--no-mdns", "--no-chat", "--json", "--max-new-tokens", "8", "--discovery-timeout", "20"],
             capture_output=True, text=True, timeout=300, env=env,
         )
 
-    out = generate(m.name)
+    out = generate(None)  # no --model: the one the swarm serves
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout)
     ids = AutoTokenizer.from_pretrained(tiny_model)(prompt)["input_ids"]
@@ -216,6 +216,12 @@ def test_a_client_with_an_empty_home_fetches_the_head_and_tokenizer_and_answers(
     for entry in m.client_files:  # the preparer's bytes, and nothing of the blocks
         assert got.path(entry).read_bytes() == m.path(entry).read_bytes()
     assert not (got.root / "blocks").exists() or not any((got.root / "blocks").iterdir())
+    # by name, the second time: the files here are checked and used, nothing is fetched again
+    stamps = {e.file: got.path(e).stat().st_mtime_ns for e in m.client_files}
+    out = generate(m.name)
+    assert out.returncode == 0 and json.loads(out.stdout)["tokens"] == result["tokens"], out.stderr
+    assert "fetched" not in out.stderr
+    assert {e.file: got.path(e).stat().st_mtime_ns for e in m.client_files} == stamps
 
     # a name nobody serves is a clear error, not a traceback
     out = generate("no-such-model")
