@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -169,6 +170,15 @@ class Directory:
             prev = ids
             await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
+    def _other_models(self) -> str:
+        """Peers answered, but none serves our model: say what they do serve (a stale local copy
+        of a re-prepared model, or the wrong --model, reads plainly)."""
+        served = Counter((p.model, p.model_hash) for p in self._peers.values())
+        listing = ", ".join(f"{name} (hash {h[:12]}, {n} peer{'s' if n > 1 else ''})" for (name, h), n in served.most_common(5))
+        return (f"{len(self._peers)} peer(s) answered, but none serves this model (hash {self.model_hash[:12]}); they serve: "
+                f"{listing}. Pass --model NAME for one of those (a stale copy of the same name here: run `swarm prepare --force`, "
+                "or remove it from $SWARM_HOME/models to fetch the swarm's)")
+
     def coverage(self, num_blocks: int) -> list[int]:
         """Replicas per block among the peers of our model that we may use (not banned)."""
         return coverage(((p.start, p.end) for p in self.peers() if self.is_usable(p.peer_id)), num_blocks)
@@ -188,6 +198,8 @@ class Directory:
                         + (f" at {', '.join(self.bootstrap)}" if self.bootstrap else " on the LAN" if self.mdns else " (no --peer, and mDNS is off)")
                         + "; start one with `swarm join` or pass --peer HOST:PORT"
                     )
+                if not self.peers():
+                    raise SwarmError(self._other_models())
                 raise NoRouteError(gaps(cov))
             self._updated.clear()
             try:

@@ -185,7 +185,7 @@ def test_a_peer_with_an_empty_home_joins_fetches_its_blocks_and_serves(tiny_mode
     assert c.peer_id in {hop["peer"] for hop in res.routes[-1]}
 
 
-def test_a_client_with_an_empty_home_fetches_the_head_and_tokenizer_and_answers(tiny_model, local_swarm, tmp_path: Path) -> None:
+def test_a_client_with_an_empty_home_fetches_the_head_and_tokenizer_and_answers(tiny_model, tiny_models, local_swarm, tmp_path: Path) -> None:
     """`swarm generate` on a machine that has none of the model: it learns the model the swarm
     serves, fetches only the client's files (checked against the signed manifest), and answers as
     transformers does; later runs use those files."""
@@ -197,10 +197,10 @@ def test_a_client_with_an_empty_home_fetches_the_head_and_tokenizer_and_answers(
     env = {**os.environ, "SWARM_HOME": str(home), "SWARM_CONFIG": str(home / "config")}
     prompt = "w5 w17 w42 w99"
 
-    def generate(model: str | None) -> subprocess.CompletedProcess:
+    def generate(model: str | None, wait: str = "20") -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "swarm.cli", "generate", prompt, *(["--model", model] if model else []), *sum((["--peer", p.addr] for p in peers), []),
-             "--no-mdns", "--no-chat", "--json", "--max-new-tokens", "8", "--discovery-timeout", "20"],
+             "--no-mdns", "--no-chat", "--json", "--max-new-tokens", "8", "--discovery-timeout", wait],
             capture_output=True, text=True, timeout=300, env=env,
         )
 
@@ -227,6 +227,9 @@ def test_a_client_with_an_empty_home_fetches_the_head_and_tokenizer_and_answers(
     out = generate("no-such-model")
     assert out.returncode == 2 and "no peer serves model 'no-such-model'" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+    # another model, prepared here, that nobody serves: the error says what the swarm does serve
+    out = generate(str(tiny_models["llama-mha"]), wait="2")
+    assert out.returncode == 2 and "none serves this model" in out.stderr and f"they serve: {m.name} (hash {m.model_hash[:12]}, 2 peers)" in out.stderr, out.stderr
     out = generate(str(tmp_path / "no-such-folder"))
     assert out.returncode == 2 and f"no model folder at {tmp_path / 'no-such-folder'}" in out.stderr, out.stderr
 
