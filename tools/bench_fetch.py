@@ -12,16 +12,20 @@ every fetching side gets an empty, temporary SWARM_HOME. Prints:
    against a pinned `swarm join --blocks 0:N` whose files are already here (process start,
    imports, loading and calibration are in both; the difference is discovery + fetch);
 3. after SIGKILL of the only holder of a span: seconds until the gap shows in the table (gossip
-   suspicion), and from then until an auto peer has moved there (fetch + load + announce).
+   suspicion), and from then until an auto peer has moved there (fetch + load + announce);
+4. seconds for `swarm generate` (8 tokens, no --model) with an empty SWARM_HOME, which learns the
+   model and fetches only the client's files, against the same command with the model here.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,6 +90,22 @@ def main() -> int:
                 shutil.copyfile(m.path(e), tmp / "copy" / Path(e.file).name)
             copy_s = time.perf_counter() - t0
 
+            # 4. a client with nothing, against one with the model here (same swarm, same command)
+            def generate(env_home: Path) -> tuple[float, list[int]]:
+                env = {**os.environ, "SWARM_HOME": str(env_home), "SWARM_CONFIG": str(env_home / "config")}
+                t0 = time.monotonic()
+                out = subprocess.run([sys.executable, "-m", "swarm.cli", "generate", "Hello", "--peer", p0.addr, "--no-mdns", "--json",
+                                      "--max-new-tokens", "8", "--discovery-timeout", "30"], capture_output=True, text=True, env=env, timeout=300)
+                if out.returncode:
+                    raise SystemExit(f"swarm generate failed: {out.stderr[-2000:]}")
+                return time.monotonic() - t0, json.loads(out.stdout)["tokens"]
+
+            client_here, tokens_here = generate(Path(args.home))
+            client_empty, tokens_empty = generate(tmp / "client-empty")
+            assert tokens_empty == tokens_here, (tokens_empty, tokens_here)
+            client_mb = sum(e.bytes for e in m.client_files) / 1e6
+            model_mb = sum(e.bytes for e in m.files) / 1e6
+
             # 2. join to serving with an empty home
             home = tmp / "empty"
             spare_swarm = LocalSwarm(log_dir=tmp / "logs", env={"SWARM_HOME": str(home), "SWARM_CONFIG": str(home / "config")})
@@ -125,6 +145,8 @@ def main() -> int:
         print(f"shutil.copyfile of the same files:                    {mb / copy_s:7.1f} MB/s  ({copy_s:.2f}s)")
         print(f"join -> READY, empty SWARM_HOME, {n} blocks fetched:    {fetch_ready:6.1f} s")
         print(f"join -> READY, same blocks already here (pinned):      {local_ready:6.1f} s")
+        print(f"generate (8 tokens), empty SWARM_HOME, fetching {client_mb:.0f} of the model's {model_mb:.0f} MB: {client_empty:6.1f} s")
+        print(f"generate (8 tokens), model prepared here:                          {client_here:6.1f} s  (same tokens)")
         if t_gap and t_fill:
             print(f"SIGKILL of the only holder of {hole[0]}:{hole[1]} -> gap seen in the table: {t_gap - t_kill:.1f} s")
             print(f"gap seen -> filled by a moving auto peer (fetch + load + announce): {t_fill - t_gap:.1f} s")
@@ -134,6 +156,7 @@ def main() -> int:
         shutil.rmtree(tmp / "fetch", ignore_errors=True)
         shutil.rmtree(tmp / "copy", ignore_errors=True)
         shutil.rmtree(tmp / "empty", ignore_errors=True)
+        shutil.rmtree(tmp / "client-empty", ignore_errors=True)
     return 0
 
 
