@@ -30,6 +30,10 @@ from .transport import Connection
 
 log = logging.getLogger("swarm.client")
 
+# the least the first answer waits for the swarm's table after connecting (a fresh directory's
+# first refresh, or an mDNS answer), however long connecting took
+_FIRST_WAIT_MIN_S = 2.0
+
 
 @dataclass
 class ClientConfig:
@@ -98,11 +102,13 @@ class SwarmClient:
         self._conn_locks: dict[str, asyncio.Lock] = {}
         self.last_route: list[dict] = []
         self.active_chains: list[Chain] = []  # answers in progress (their open sessions)
+        self._first_wait_until: float | None = None  # see `stream`
 
     @classmethod
     async def connect(cls, config: ClientConfig, manifest: Manifest | None = None) -> "SwarmClient":
         if config.torch_threads:
             compute.set_threads(config.torch_threads)
+        t0 = time.monotonic()
         if manifest is None:  # prepared here, or learned from the swarm (its client's files fetched)
             from peers.join import JoinOptions, plan_client
 
@@ -118,6 +124,7 @@ class SwarmClient:
         )
         await directory.start()
         self = cls(config, manifest, head, tokenizer, directory)
+        self._first_wait_until = t0 + config.discovery_timeout
         directory.is_usable = lambda peer_id: not self.rtt.is_banned(peer_id, time.monotonic())
         return self
 
@@ -264,7 +271,10 @@ class SwarmClient:
             raise ConfigError("the prompt is empty")
         if max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be at least 1")
-        await self.directory.wait_for_coverage(self.manifest.num_blocks, self.config.discovery_timeout)
+        wait = self.config.discovery_timeout
+        if self._first_wait_until is not None:  # the first answer shares connect's time to find the swarm
+            wait, self._first_wait_until = max(_FIRST_WAIT_MIN_S, self._first_wait_until - time.monotonic()), None
+        await self.directory.wait_for_coverage(self.manifest.num_blocks, wait)
         chain = Chain(
             self, max_length=len(prompt_ids) + max_new_tokens, wire_dtype=self.config.wire_dtype,
             max_failovers=self.config.max_failovers, on_event=on_failover,

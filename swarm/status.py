@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from . import links
 from .directory import Directory
 from .gossip import PeerRecord
 from .routing import coverage, gaps
@@ -16,6 +17,7 @@ def snapshot(peers: list[PeerRecord], now_ms: float | None = None) -> dict[str, 
     now_ms = now_ms if now_ms is not None else time.time() * 1000
     models: dict[str, dict[str, Any]] = {}
     rows = []
+    ids = [p.peer_id for p in peers]
     for p in sorted(peers, key=lambda p: (p.model_hash, p.start, p.peer_id)):
         r = p.to_wire()
         n_blocks = int(r.get("num_blocks", 0)) or p.end
@@ -36,6 +38,7 @@ def snapshot(peers: list[PeerRecord], now_ms: float | None = None) -> dict[str, 
                 "sessions": p.sessions,
                 "free_cache": p.free_cache,
                 "age_s": round(max(0.0, now_ms - float(r.get("version", now_ms))) / 1000, 1),
+                "links_ms": links.parse(r.get(links.FIELD), ids),  # its RTTs to peers that could follow it
             }
         )
     for m in models.values():

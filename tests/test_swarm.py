@@ -73,6 +73,13 @@ def test_pushed_and_hop_by_hop_steps_give_the_oracles_tokens(tiny_model, local_s
         return all(near.get(a.peer_id, {}).keys() == {b.peer_id} for a, b in zip(peers, peers[1:]))
 
     wait_until(announced, 30, "the peers announce their links to the next peer")
+    # `swarm status --json` (and the API's /v1/swarm) show them
+    from swarm.directory import ask_peer
+    from swarm.gossip import PeerRecord
+    from swarm.status import snapshot
+
+    rows = {r["peer_id"]: r for r in snapshot([PeerRecord.from_wire(x) for x in run(ask_peer(peers[1].addr))])["peers"]}
+    assert [set(rows[p.peer_id]["links_ms"]) for p in peers] == [{peers[1].peer_id}, {peers[2].peer_id}, set()]
 
     again, _, route = run(answer(True))
     assert again == pushed
