@@ -81,8 +81,9 @@ class DistributedModelForCausalLM:
         swarm_key: Any = None,
         wire_dtype: str = "float32",
     ) -> "DistributedModelForCausalLM":
-        """Prepare the model's client part here (embeddings, norm, head) and find the swarm through
-        `peers` ("host:port") and, unless `mdns=False` (the default when peers are given), the LAN."""
+        """Find the swarm through `peers` ("host:port") and, unless `mdns=False` (the default when
+        peers are given), the LAN; load the model's client part (embeddings, norm, head, tokenizer),
+        prepared here or, for a model not here, fetched from the swarm (swarm.client)."""
         from .client import ClientConfig, SwarmClient
 
         cfg = ClientConfig(
