@@ -109,7 +109,6 @@ def announced_links(addr: str) -> dict[str, dict[str, float]]:
     return {p: links.parse(r.get(links.FIELD), recs) for p, r in recs.items()}
 
 
-
 def wait_until(pred, timeout: float, what: str) -> float:
     """Poll `pred` until it holds; the seconds it took. Bounded: fails naming `what`, and the last
     error `pred` raised (a peer still starting may refuse a connection)."""
