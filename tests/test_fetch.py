@@ -228,7 +228,7 @@ def test_a_client_with_an_empty_home_fetches_the_head_and_tokenizer_and_answers(
     assert out.returncode == 2 and "no peer serves model 'no-such-model'" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     # another model, prepared here, that nobody serves: the error says what the swarm does serve
-    out = generate(str(tiny_models["llama-mha"]), wait="2")
+    out = generate(str(tiny_models["llama-mha"]), wait="5")
     assert out.returncode == 2 and "none serves this model" in out.stderr and f"they serve: {m.name} (hash {m.model_hash[:12]}, 2 peers)" in out.stderr, out.stderr
     out = generate(str(tmp_path / "no-such-folder"))
     assert out.returncode == 2 and f"no model folder at {tmp_path / 'no-such-folder'}" in out.stderr, out.stderr
